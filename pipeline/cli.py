@@ -1,0 +1,91 @@
+"""`tokenmill`: the command line. Each command parses arguments, calls one function, prints.
+
+Exit codes: 0 ok, 1 failure of work, 2 bad usage or spec.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.spec import JobSpec, SpecError, load_job
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn image-text pairs and speech into token shards and train token models on Ray.")
+EXIT_OK, EXIT_WORK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(path: str) -> JobSpec:
+    try:
+        return load_job(path)
+    except SpecError as exc:
+        print(f"spec error:\n{exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _stage_names(job: JobSpec, names: Optional[str], option: str) -> list[str]:
+    wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in job.stages]
+    if unknown:
+        print(f"{option}: no stage named {', '.join(unknown)} in {job.source} "
+              f"(stages: {', '.join(job.stages)})", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    return wanted
+
+
+@app.command()
+def run(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+        stages: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: all)."),
+        force: Optional[str] = typer.Option(None, help="Comma-separated stages to rebuild from scratch."),
+        prune: bool = typer.Option(False, help="Delete outputs whose source shard no longer exists."),
+        address: Optional[str] = typer.Option(None, help="Ray address; overrides the spec's ray.address.")):
+    """Build every shard that is not done, stage by stage in dependency order."""
+    from pipeline.monitor.progress import StageProgress
+    from pipeline.workflow import run as run_job
+
+    job = _load(job_file)
+    results = run_job(job, stages=_stage_names(job, stages, "--stages"), force=_stage_names(job, force, "--force"),
+                      prune=prune, address=address, progress=StageProgress)
+    exit_code = EXIT_OK
+    for result in results:
+        spec = job.stages[result.name]
+        failed = result.failed(spec.execution.max_failure_share)
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(result.failure_reasons.items(), key=lambda kv: -kv[1]))
+        print(f"{result.name}: {'FAILED' if failed else 'ok'}: built {result.built} shard(s), "
+              f"{result.samples} samples, {result.failures} failed samples"
+              + (f" ({reasons})" if reasons else "") + (f"; {result.skipped}" if result.skipped else "")
+              + (f"; {result.waiting} shard(s) wait for unbuilt inputs" if result.waiting else ""))
+        exit_code = EXIT_WORK_FAILED if failed else exit_code
+    raise typer.Exit(exit_code)
+
+
+@app.command()
+def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Show each stage's state from its completion markers."""
+    from pipeline.monitor.status import job_status
+
+    report = job_status(_load(job_file))
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    table = Table(title=f"job {report['job']}")
+    for column in ("stage", "state", "shards", "samples", "failures", "top failure reasons"):
+        table.add_column(column, justify="right" if column in ("shards", "samples", "failures") else "left")
+    for name, s in report["stages"].items():
+        reasons = ", ".join(f"{r} ({n})" for r, n in list(s["failure_reasons"].items())[:3])
+        table.add_row(name, s["state"], f"{s['shards_done']}/{s['shards_total']}", str(s["samples"]),
+                      str(s["failures"]), reasons)
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shard readers and writers, URL lists, packing and loaders."""

@@ -1,0 +1,63 @@
+"""Run one function over many items as Ray tasks: a bounded number in flight, with retries.
+
+The executor knows nothing about stages or markers; the workflow gives it a function.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import ray
+
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}   # albumentations calls the network on import otherwise
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address`, or start a local one when it is None."""
+    if ray.is_initialized():
+        return
+    os.environ.update(WORKER_ENV)
+    ray.init(address=address, num_cpus=num_cpus if address is None else None,
+             include_dashboard=False if address is None else None,
+             runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False,
+             logging_level="ERROR", configure_logging=True)
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def run_bounded(fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any], *,
+                num_cpus: float = 1.0, max_in_flight: int | None = None, retries: int = 2,
+                on_result: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]) -> None:
+    """Call fn(shared, item) for every item as a Ray task and report each outcome.
+
+    `shared` is put in the object store once. At most `max_in_flight` tasks exist at a time
+    (default: twice what the cluster can run at once), so memory stays bounded however many
+    items there are. A task whose worker died or that raised is retried `retries` times
+    before on_error sees it.
+    """
+    remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
+    limit = max_in_flight or max(1, int(2 * cluster_cpus() / num_cpus))
+    shared_ref = ray.put(shared)
+    pending: dict[ray.ObjectRef, Any] = {}
+    queue = iter(items)
+    exhausted = False
+    while pending or not exhausted:
+        while not exhausted and len(pending) < limit:
+            item = next(queue, None)
+            if item is None:
+                exhausted = True
+            else:
+                pending[remote.remote(shared_ref, item)] = item
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            item = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                on_error(item, exc)
+            else:
+                on_result(item, result)

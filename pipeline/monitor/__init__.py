@@ -1,0 +1,1 @@
+"""How a job is going: status from markers, live progress, metrics and reports."""

@@ -1,0 +1,65 @@
+"""`tokenmill status`: every stage's state, read from markers only (no Ray needed)."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from pipeline.ledger import State
+from pipeline.spec import JobSpec
+from pipeline.workflow import Planner
+
+STALE_HEARTBEAT_SECONDS = 120   # a running record from another host older than this is dead
+
+
+def job_status(job: JobSpec) -> dict:
+    """The DESIGN.md status object: {"job": name, "stages": {stage: {...}}}."""
+    planner = Planner(job)
+    stages = {}
+    for name, spec in job.stages.items():
+        planned = planner.plan(name)
+        shards = [p for p in planned.plan.shards.values() if p.state is not State.ORPHAN]
+        done = [p.marker for p in shards if p.state is State.DONE]
+        samples = sum(m.samples for m in done)
+        failures = sum(m.failure_count for m in done)
+        reasons: dict[str, int] = {}
+        for marker in done:
+            for reason, count in marker.failures.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        counts = {state: sum(1 for p in shards if p.state is state) for state in State}
+        over_threshold = samples + failures > 0 and failures / (samples + failures) > spec.execution.max_failure_share
+        record = planner.storage.read_json(planner.ledger(name).rel("_stage.json")) or {}
+        stages[name] = {
+            "state": _state(counts, len(shards), over_threshold, _is_running(record)),
+            "shards_done": counts[State.DONE], "shards_total": len(shards),
+            "samples": samples, "failures": failures,
+            "shards_stale": counts[State.STALE], "shards_missing": counts[State.MISSING],
+            "shards_failed": counts[State.FAILED], "orphans": len(planned.plan.orphans()),
+            "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "last_error": next((p.reason for p in shards if p.state is State.FAILED), None),
+        }
+    return {"job": job.name, "stages": stages}
+
+
+def _state(counts: dict, total: int, over_threshold: bool, running: bool) -> str:
+    if running:
+        return "running"
+    if counts[State.FAILED] or over_threshold:
+        return "failed"
+    if total and counts[State.DONE] == total:
+        return "done"
+    if counts[State.STALE]:
+        return "stale"
+    return "partial" if counts[State.DONE] else "pending"
+
+
+def _is_running(record: dict) -> bool:
+    if not record.get("running"):
+        return False
+    if record.get("host") == socket.gethostname():
+        try:
+            os.kill(int(record["pid"]), 0)
+            return True
+        except (OSError, ValueError, KeyError):
+            return False
+    return time.time() - record.get("updated", 0) < STALE_HEARTBEAT_SECONDS

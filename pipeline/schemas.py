@@ -1,0 +1,14 @@
+"""The language-neutral contracts in the project's schemas/ folder, loaded by name."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+@lru_cache(maxsize=None)
+def schema(name: str) -> dict:
+    """A JSON schema by file stem, e.g. schema("job") reads schemas/job.schema.json."""
+    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())

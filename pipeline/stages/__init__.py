@@ -1,0 +1,7 @@
+"""Stage kinds, one module each; the registry is a plain table of imports."""
+from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, Stage, UpstreamShard
+from pipeline.stages.ingest_images import IngestImages
+
+STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (IngestImages,)}
+
+__all__ = ["STAGES", "ShardInput", "ShardOutput", "SpecProblem", "Stage", "UpstreamShard"]

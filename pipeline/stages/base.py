@@ -1,0 +1,96 @@
+"""The contract between a stage and the machinery that runs it.
+
+A stage knows how to turn one input shard into output files; it knows nothing about Ray,
+markers or other stages. The workflow plans which shards to build and hands `build_shard`
+to the executor, the way DataTrove's executors run steps they don't know.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """What one output shard is built from: its id, the input's digest, and a stage payload."""
+    shard: str
+    digest: str | None        # None: the upstream shard is not built (yet)
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class UpstreamShard:
+    """A built shard of an input stage: its output digest and the URLs of its files."""
+    digest: str
+    files: tuple[str, ...]
+
+
+@dataclass
+class ShardOutput:
+    """What building one shard produced: files in the work folder plus per-sample counts."""
+    files: list[Path]
+    samples: int
+    failures: Counter = field(default_factory=Counter)   # reason -> count
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """A spec error found by a stage's own checks, at a YAML path relative to the stage."""
+    path: tuple
+    message: str
+
+
+class Stage:
+    """Base of all shard stages. Subclasses set the ClassVars and implement the methods."""
+
+    kind: ClassVar[str]
+    version: ClassVar[int]                 # bump when output semantics change
+    Config: ClassVar[type]                 # dataclass of the stage's keys, with defaults
+    execution_keys: ClassVar[frozenset[str]] = frozenset()   # keys that change how, not what
+    num_cpus: ClassVar[float] = 1.0
+
+    def __init__(self, name: str, config: Any):
+        self.name = name
+        self.config = config
+
+    @classmethod
+    def json_schema(cls) -> dict:
+        """The JSON schema of this kind's keys: `$defs/<kind>` of schemas/job.schema.json."""
+        from pipeline.schemas import schema
+        return schema("job")["$defs"][cls.kind]
+
+    @classmethod
+    def check(cls, config: Any) -> list[SpecProblem]:
+        """Deeper checks than the JSON schema can express (readable inputs, columns)."""
+        return []
+
+    def fingerprint_config(self) -> dict:
+        """The normalized config that enters the fingerprint."""
+        return {k: v for k, v in asdict(self.config).items() if k not in self.execution_keys}
+
+    def libraries(self) -> dict[str, str]:
+        """Versions of libraries whose upgrade changes this stage's outputs."""
+        return {}
+
+    def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]]) -> list[ShardInput]:
+        """The shards this stage builds, given {input stage: {shard: built shard, or None}}.
+
+        Default: one output shard per shard of the (single) input stage, same shard id, with
+        the input shard's file URLs as payload.
+        """
+        (shards,) = upstream.values()
+        return [ShardInput(shard, up.digest if up else None, up.files if up else ())
+                for shard, up in sorted(shards.items())]
+
+    @contextmanager
+    def session(self) -> Iterator["Stage"]:
+        """Driver-side resources held while shards are built (e.g. a local server)."""
+        yield self
+
+    def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
+        """Build one shard into files under `workdir`; per-sample errors are counted, not raised."""
+        raise NotImplementedError

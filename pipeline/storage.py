@@ -1,0 +1,134 @@
+"""fsspec storage rooted at a job's `storage` path or URL, with atomic commits.
+
+A local filesystem commits by writing a temporary name and renaming it; an object store
+has no rename, so there a commit is one whole-object upload. Either way a reader sees the
+old object or the complete new one, never a prefix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+
+_CHUNK = 1 << 20
+
+
+class Storage:
+    """A directory tree under `root` (local path or fsspec URL such as s3://bucket/prefix)."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            self._root_path = os.path.abspath(self._root_path)
+
+    def __reduce__(self):  # fsspec filesystems pickle, but rebuilding from the URL is cheaper
+        return (Storage, (self.root,))
+
+    def path(self, rel: str) -> str:
+        """Filesystem path (for self.fs) of `rel` under the root."""
+        return f"{self._root_path}/{rel}" if rel else self._root_path
+
+    def url(self, rel: str) -> str:
+        """URL of `rel`, usable by any fsspec-aware library."""
+        return self.path(rel) if self.is_local else f"{self.root}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        """Names and sizes of the files directly under `rel_dir` (one listing call)."""
+        try:
+            entries = self.fs.ls(self.path(rel_dir), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                for e in entries if e.get("type") == "file"}
+
+    def read_json(self, rel: str) -> dict | None:
+        """Parsed JSON at `rel`, or None when absent or unreadable (e.g. a torn legacy write)."""
+        try:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        """Atomically replace `rel` with `obj` as JSON."""
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically replace `rel` with `data`."""
+        dest = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        else:
+            self.fs.pipe_file(dest, data)
+
+    def commit(self, local_file: str | Path, rel: str) -> tuple[int, str]:
+        """Move a finished local file to `rel` atomically; returns (size, sha256)."""
+        size, digest = file_digest(local_file)
+        dest = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+            shutil.move(str(local_file), tmp)  # a rename when on the same filesystem
+            os.replace(tmp, dest)
+        else:
+            self.fs.put_file(str(local_file), dest)
+            os.remove(local_file)
+        return size, digest
+
+    def remove(self, rel: str) -> None:
+        """Delete a file or a tree; absent is fine."""
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    @contextmanager
+    def scratch(self, rel_dir: str) -> Iterator[Path]:
+        """A private local working folder, deleted afterwards.
+
+        On a local root it lives under `rel_dir` so that commits are renames on one filesystem.
+        """
+        if self.is_local:
+            base = self.path(rel_dir)
+            os.makedirs(base, exist_ok=True)
+            folder = tempfile.mkdtemp(dir=base)
+        else:
+            folder = tempfile.mkdtemp(prefix="tokenmill-")
+        try:
+            yield Path(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_digest(path: str | Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a local file, read in chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

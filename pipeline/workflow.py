@@ -1,0 +1,210 @@
+"""Plan and run a job's stages in DAG order, make-like: only what is not done is rebuilt."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from pipeline import executor
+from pipeline.ledger import Marker, OutputFile, Plan, StageLedger, State, new_marker, shard_fingerprint, stage_fingerprint
+from pipeline.spec import JobSpec, StageSpec
+from pipeline.stages import ShardInput, Stage, UpstreamShard
+from pipeline.storage import Storage
+
+
+HEARTBEAT_SECONDS = 30
+
+
+@dataclass
+class StagePlan:
+    spec: StageSpec
+    fingerprint: str
+    items: list[ShardInput]
+    plan: Plan
+
+
+class Planner:
+    """Plans stages of one job, reading each stage's markers once (until it is rebuilt)."""
+
+    def __init__(self, job: JobSpec, address: str | None = None):
+        self.job = job
+        self.address = address          # Ray is joined only when there is work to do
+        self.storage = Storage(job.storage)
+        self._plans: dict[str, StagePlan] = {}
+
+    def ledger(self, name: str) -> StageLedger:
+        return StageLedger(self.storage, name)
+
+    def plan(self, name: str) -> StagePlan:
+        if name not in self._plans:
+            spec = self.job.stages[name]
+            stage = spec.stage
+            fp = stage_fingerprint(spec.kind, stage.fingerprint_config(), stage.version, {}, stage.libraries())
+            items = stage.inputs({i: self.built_shards(i) for i in spec.inputs})
+            plan = self.ledger(name).plan({i.shard: i.digest for i in items}, fp)
+            self._plans[name] = StagePlan(spec, fp, items, plan)
+        return self._plans[name]
+
+    def built_shards(self, name: str) -> dict[str, UpstreamShard | None]:
+        """Shard -> its digest and output URLs, for every shard of a stage; None where not done."""
+        ledger = self.ledger(name)
+        return {s: UpstreamShard(p.marker.digest, tuple(self.storage.url(ledger.output_rel(o.name))
+                                                        for o in p.marker.outputs))
+                if p.state is State.DONE else None
+                for s, p in self.plan(name).plan.shards.items() if p.state is not State.ORPHAN}
+
+    def forget(self, name: str) -> None:
+        self._plans.pop(name, None)
+
+
+@dataclass
+class StageResult:
+    name: str
+    built: int = 0
+    failed_shards: int = 0
+    samples: int = 0
+    failures: int = 0
+    skipped: str = ""          # why the stage did not run at all
+    waiting: int = 0           # shards whose input shards are not built (inputs not selected)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+
+    def failed(self, max_failure_share: float) -> bool:
+        attempted = self.samples + self.failures
+        return self.failed_shards > 0 or bool(self.skipped) or (
+            attempted > 0 and self.failures / attempted > max_failure_share)
+
+
+def build_shard(shared: tuple[Stage, Storage, str], item: ShardInput) -> dict:
+    """Build one shard in a scratch folder, commit its outputs, then write its marker.
+
+    Runs inside a Ray task. The old marker goes first, so a crash anywhere leaves the shard
+    visibly not done; the new marker is written last, after every output is in place.
+    """
+    stage, storage, stage_fp = shared
+    ledger = StageLedger(storage, stage.name)
+    marker = new_marker(item.shard, shard_fingerprint(stage_fp, item.digest), item.digest)
+    ledger.forget(item.shard)
+    with storage.scratch(ledger.rel("_tmp")) as workdir:
+        output = stage.build(item, workdir)
+        for path in output.files:
+            size, digest = storage.commit(path, ledger.output_rel(path.name))
+            marker.outputs.append(OutputFile(path.name, size, digest))
+    marker.status, marker.samples, marker.stats = "done", output.samples, output.stats
+    marker.failures = dict(output.failures)
+    marker.finished = time.time()
+    ledger.write_marker(marker)
+    return marker.to_json()
+
+
+class ProgressSink(Protocol):
+    """What the workflow reports to while a stage runs (see pipeline.monitor.progress)."""
+
+    def update(self, marker: Marker) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[str, int, int], ProgressSink]   # (stage, shards total, shards already done)
+
+
+def run(job: JobSpec, *, stages: list[str] | None = None, force: list[str] = (), prune: bool = False,
+        address: str | None = None, progress: ProgressFactory | None = None) -> list[StageResult]:
+    """Run the selected stages (all by default) in dependency order."""
+    selected = list(job.stages) if not stages else [n for n in job.stages if n in stages]
+    planner = Planner(job, address=address or job.ray_address)
+    results: list[StageResult] = []
+    failed: set[str] = set()
+    for name in selected:
+        spec = job.stages[name]
+        blocked = failed & set(spec.inputs)
+        if blocked:
+            results.append(StageResult(name, skipped=f"input stage {', '.join(sorted(blocked))} failed"))
+            failed.add(name)
+            continue
+        result = run_stage(planner, name, force=name in force, prune=prune, progress=progress)
+        results.append(result)
+        if result.failed(spec.execution.max_failure_share):
+            failed.add(name)
+    return results
+
+
+def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool = False,
+              progress: ProgressFactory | None = None) -> StageResult:
+    """Plan one stage and build what is not done."""
+    spec = planner.job.stages[name]
+    ledger = planner.ledger(name)
+    storage = planner.storage
+    started = time.time()
+    with spec.stage.session() as stage:
+        planned = planner.plan(name)
+        plan = planned.plan
+        if prune:
+            for marker in plan.orphans():
+                ledger.remove_shard(marker)
+        todo = [i for i in planned.items
+                if i.digest is not None and (force or plan.shards[i.shard].state is not State.DONE)]
+        waiting = sum(1 for i in planned.items if i.digest is None)
+        storage.remove(ledger.rel("_tmp"))   # scratch left by a killed run
+        _write_stage_record(planner, planned, running=True, started=started)
+        sink = progress(name, len(planned.items), len(planned.items) - len(todo) - waiting) if progress else None
+        result = StageResult(name)
+        heartbeat = [time.time()]
+
+        def report(marker: Marker) -> None:
+            if sink:
+                sink.update(marker)
+            if time.time() - heartbeat[0] > HEARTBEAT_SECONDS:   # tells `status` on other hosts we live
+                heartbeat[0] = time.time()
+                _write_stage_record(planner, planned, running=True, started=started)
+
+        def on_result(item: ShardInput, marker_json: dict) -> None:
+            result.built += 1
+            report(Marker.from_json(marker_json))
+
+        def on_error(item: ShardInput, exc: BaseException) -> None:
+            marker = new_marker(item.shard, shard_fingerprint(planned.fingerprint, item.digest), item.digest)
+            marker.status, marker.finished = "failed", time.time()
+            marker.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+            ledger.write_marker(marker)
+            result.failed_shards += 1
+            report(marker)
+
+        try:
+            if todo:
+                executor.connect(planner.address, planner.job.ray_num_cpus)
+                executor.run_bounded(build_shard, (stage, storage, planned.fingerprint), todo,
+                                     num_cpus=stage.num_cpus, max_in_flight=spec.execution.max_in_flight,
+                                     retries=spec.execution.shard_retries, on_result=on_result, on_error=on_error)
+        finally:
+            if sink:
+                sink.close()
+    planner.forget(name)
+    final = planner.plan(name).plan
+    for marker in final.done_markers():
+        result.samples += marker.samples
+        result.failures += marker.failure_count
+        for reason, count in marker.failures.items():
+            result.failure_reasons[reason] = result.failure_reasons.get(reason, 0) + count
+    result.waiting = waiting
+    _write_stage_record(planner, planner.plan(name), running=False, started=started, result=result)
+    return result
+
+
+def _write_stage_record(planner: Planner, planned: StagePlan, *, running: bool, started: float,
+                        result: StageResult | None = None) -> None:
+    """`{stage}/_stage.json`: fingerprint, config and the last run (read by `status`)."""
+    stage = planned.spec.stage
+    record = {
+        "stage": planned.spec.name, "kind": planned.spec.kind, "fingerprint": planned.fingerprint,
+        "version": stage.version, "config": stage.fingerprint_config(), "libraries": stage.libraries(),
+        "running": running, "host": socket.gethostname(), "pid": os.getpid(),
+        "started": started, "updated": time.time(),
+    }
+    if result is not None:
+        record["last_run"] = {"built": result.built, "failed_shards": result.failed_shards,
+                              "samples": result.samples, "failures": result.failures,
+                              "failure_reasons": result.failure_reasons, "seconds": time.time() - started}
+    planner.storage.write_json(planner.ledger(planned.spec.name).rel("_stage.json"), record)

@@ -1,0 +1,90 @@
+"""Shared fixtures: one real local Ray per test session, real HTTP servers on 127.0.0.1."""
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.demo.server import LocalServer, QuietHandler
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+RAY_CPUS = 2
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """A local Ray cluster shared by the whole session; yields its address for subprocess drivers."""
+    import ray
+
+    os.environ["TOKENMILL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1",
+                                       "TOKENMILL_CACHE": os.environ["TOKENMILL_CACHE"]}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def jpeg_bytes(size=(400, 300), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+class BrokenWebHandler(QuietHandler):
+    """Good files from the folder plus the ways the web breaks, by path."""
+
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        if name.startswith("noai"):
+            self._send(jpeg_bytes(), extra={"X-Robots-Tag": "noai"})
+        elif name.startswith("slow"):
+            time.sleep(3)           # beyond the test specs' 1 s timeout
+            self._send(jpeg_bytes())
+        elif name.startswith("text"):
+            self._send(b"<html>not an image</html>", "text/html")
+        elif name.startswith("truncated"):
+            self._send(jpeg_bytes()[:400])
+        else:
+            super().do_GET()   # counts the hit itself
+
+    def _send(self, body: bytes, content_type="image/jpeg", extra=None):
+        with self.server.lock:
+            self.server.hits[self.path] += 1
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A loopback server with good JPEGs (good-N.jpg), a decompression bomb, and broken paths."""
+    root = tmp_path / "www"
+    root.mkdir()
+    for i in range(40):
+        (root / f"good-{i}.jpg").write_bytes(jpeg_bytes(color=(i * 6, 100, 200 - i * 4)))
+    Image.new("1", (12000, 12000)).save(root / "bomb.png")   # 144 Mpx, a few KB on the wire
+    with LocalServer(root, BrokenWebHandler) as server:
+        yield server
+
+
+def write_url_list(path: Path, urls: list[str], **extra_columns) -> Path:
+    """A LAION-style parquet: url, caption (and extra columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))], **extra_columns})
+    pq.write_table(table, path)
+    return path
+
+
+def write_job(path: Path, storage: Path, stages: str) -> Path:
+    path.write_text(f"name: test\nstorage: {storage}\nstages:\n{stages}")
+    return path

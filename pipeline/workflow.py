@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import traceback
@@ -16,6 +17,7 @@ from pipeline.storage import Storage
 
 
 HEARTBEAT_SECONDS = 30
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")   # Ray colours task names in its errors
 
 
 @dataclass
@@ -167,7 +169,8 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
         def on_error(item: ShardInput, exc: BaseException) -> None:
             marker = new_marker(item.shard, shard_fingerprint(planned.fingerprint, item.digest), item.digest)
             marker.status, marker.finished = "failed", time.time()
-            marker.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            marker.error = ANSI_ESCAPE.sub("", text)[-2000:]
             ledger.write_marker(marker)
             result.failed_shards += 1
             report(marker)

@@ -42,8 +42,12 @@ class BrokenWebHandler(QuietHandler):
         if name.startswith("noai"):
             self._send(jpeg_bytes(), extra={"X-Robots-Tag": "noai"})
         elif name.startswith("slow"):
-            time.sleep(3)           # beyond the test specs' 1 s timeout
+            time.sleep(6)           # beyond the test specs' timeout
             self._send(jpeg_bytes())
+        elif name.startswith("delay/"):   # a good file, served slowly enough to kill a run mid-stage
+            time.sleep(0.3)
+            self.path = "/" + name[len("delay/"):]
+            super().do_GET()
         elif name.startswith("text"):
             self._send(b"<html>not an image</html>", "text/html")
         elif name.startswith("truncated"):

@@ -38,9 +38,9 @@ def parse(url: str) -> tuple[str, int, int]:
 
 def materialize(url: str) -> tuple[Path, Path]:
     """Draw the corpus named by `url` once; returns (its URL-list parquet, the folder to serve)."""
+    corpus, count, seed = parse(url)
     from pipeline.demo import shapes
 
-    corpus, count, seed = parse(url)
     folder = cache_dir() / "demo" / f"{corpus}-v{shapes.SHAPES_VERSION}-n{count}-s{seed}"
     return shapes.materialize(count, folder, seed=seed), folder
 

@@ -119,6 +119,11 @@ class Storage:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def cache_dir() -> Path:
+    """This machine's cache of derived data: $TOKENMILL_CACHE or ~/.cache/tokenmill."""
+    return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
+
+
 def file_digest(path: str | Path) -> tuple[int, str]:
     """(size, sha256 hex) of a local file, read in chunks."""
     h, size = hashlib.sha256(), 0

@@ -69,3 +69,16 @@ def test_errors_name_file_and_column(tmp_path):
         url_list.list_files(str(tmp_path / "list.json"))
     with pytest.raises(url_list.UrlListError, match="matches no file"):
         url_list.list_files(str(tmp_path / "none-*.parquet"))
+
+
+def test_cached_slices_follow_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENMILL_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "list.parquet"
+    pq.write_table(table(0, 6), path)
+    files = url_list.list_files(str(path))
+    first = url_list.cached_slices(files, 4)
+    assert first == list(url_list.slices(files, 4))
+    assert len(list((tmp_path / "cache" / "url-lists").glob("*.json"))) == 1
+    assert url_list.cached_slices(files, 4) == first                     # served from the cache
+    pq.write_table(table(0, 9), path)                                    # the file changed
+    assert url_list.cached_slices(files, 4) == list(url_list.slices(files, 4)) != first

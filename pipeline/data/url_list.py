@@ -7,6 +7,8 @@ its rows; it is what decides whether the image shard built from it is fresh.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,6 +16,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+
+from pipeline.storage import cache_dir
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 
@@ -80,6 +84,29 @@ def slices(files: list[str], samples_per_shard: int) -> Iterator[tuple[Slice, st
         yield Slice(shard_id(index), _merge(ranges)), hasher.hexdigest()
 
 
+def cached_slices(files: list[str], samples_per_shard: int) -> list[tuple[Slice, str]]:
+    """slices(), remembered in the local cache while no file changes (size, mtime or ETag).
+
+    Hashing every row of a LAION-scale list takes minutes; planning and `status` run often.
+    """
+    identities = [_identity(f) for f in files]
+    if None in identities:
+        return list(slices(files, samples_per_shard))
+    key = hashlib.sha256(json.dumps([files, identities, samples_per_shard]).encode()).hexdigest()
+    path = cache_dir() / "url-lists" / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        return [(Slice(shard, tuple(tuple(r) for r in ranges)), digest) for shard, ranges, digest in cached]
+    except (OSError, ValueError):
+        pass
+    result = list(slices(files, samples_per_shard))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps([[p.shard, p.ranges, digest] for p, digest in result]))
+    os.replace(tmp, path)
+    return result
+
+
 def read_slice(piece: Slice) -> pa.Table:
     """The rows of one slice as a table (reads only the row groups it needs from parquet)."""
     tables = [_read_range(f, start, stop) for f, start, stop in piece.ranges]
@@ -98,6 +125,14 @@ def _merge(ranges: list[tuple[str, int, int]]) -> tuple[tuple[str, int, int], ..
         else:
             merged.append((f, start, stop))
     return tuple(merged)
+
+
+def _identity(path: str) -> list | None:
+    """What changes when a file changes, without reading it; None if the filesystem can't tell."""
+    fs, p = fsspec.core.url_to_fs(path)
+    info = fs.info(p)
+    version = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("etag")
+    return None if version is None else [info.get("size"), str(version)]
 
 
 def _format(path: str) -> str:

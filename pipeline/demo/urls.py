@@ -1,9 +1,10 @@
 """`demo://` URL lists: built-in corpora materialized in a local cache and served on loopback."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+from pipeline.storage import cache_dir
 
 SCHEME = "demo://"
 CORPORA = ("shapes",)
@@ -11,11 +12,6 @@ CORPORA = ("shapes",)
 
 def is_demo(url: str) -> bool:
     return url.startswith(SCHEME)
-
-
-def cache_dir() -> Path:
-    """Where demo corpora are materialized: $TOKENMILL_CACHE or ~/.cache/tokenmill."""
-    return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
 
 
 def parse(url: str) -> tuple[str, int, int]:

@@ -111,7 +111,7 @@ class IngestImages(Stage):
     def inputs(self, upstream: dict[str, dict[str, str | None]]) -> list[ShardInput]:
         files = self._files(self.config)
         return [ShardInput(piece.shard, digest, piece)
-                for piece, digest in url_list.slices(files, self.config.samples_per_shard)]
+                for piece, digest in url_list.cached_slices(files, self.config.samples_per_shard)]
 
     @contextmanager
     def session(self) -> Iterator["IngestImages"]:

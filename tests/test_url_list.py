@@ -62,8 +62,8 @@ def test_csv_and_tsv(tmp_path, ext, sep):
 def test_errors_name_file_and_column(tmp_path):
     path = tmp_path / "list.parquet"
     pq.write_table(table(0, 2), path)
-    (error,) = url_list.check_columns([str(path)], ["url", "text"])
-    assert str(path) in error and "'text'" in error and "url, caption" in error
+    ((column, error),) = url_list.check_columns([str(path)], ["url", "text"])
+    assert column == "text" and str(path) in error and "'text'" in error and "url, caption" in error
     (tmp_path / "list.json").write_text("{}")
     with pytest.raises(url_list.UrlListError, match="not .parquet, .csv or .tsv"):
         url_list.list_files(str(tmp_path / "list.json"))

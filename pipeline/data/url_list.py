@@ -45,16 +45,16 @@ def list_files(url_list: str) -> list[str]:
     return files
 
 
-def check_columns(files: list[str], columns: list[str]) -> list[str]:
-    """Error messages, one per file that is unreadable or lacks a required column."""
+def check_columns(files: list[str], columns: list[str]) -> list[tuple[str | None, str]]:
+    """(missing column or None if unreadable, message naming the file) for every problem."""
     errors = []
     for f in files:
         try:
             names = _column_names(f)
         except Exception as exc:  # any reader error means the same thing here
-            errors.append(f"cannot read url list {f}: {exc}")
+            errors.append((None, f"cannot read url list {f}: {exc}"))
             continue
-        errors += [f"url list {f} has no column {c!r} (columns: {', '.join(names)})"
+        errors += [(c, f"url list {f} has no column {c!r} (columns: {', '.join(names)})")
                    for c in columns if c not in names]
     return errors
 

@@ -86,12 +86,9 @@ class IngestImages(Stage):
             files = cls._files(config)
         except (ValueError, OSError) as exc:
             return [SpecProblem(("url_list",), str(exc))]
-        key_of = {config.url_col: "url_col", config.caption_col: "caption_col"}
-        problems = []
-        for message in url_list.check_columns(files, [c for c in key_of if c]):
-            column = re.search(r"no column '([^']*)'", message)
-            problems.append(SpecProblem((key_of[column.group(1)] if column else "url_list",), message))
-        return problems
+        key_of = {config.url_col: "url_col", config.caption_col: "caption_col", None: "url_list"}
+        return [SpecProblem((key_of[column],), message)
+                for column, message in url_list.check_columns(files, [c for c in key_of if c])]
 
     @staticmethod
     def _files(config: IngestImagesConfig) -> list[str]:

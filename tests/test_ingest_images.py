@@ -190,3 +190,20 @@ def test_stage_over_failure_share_fails_the_run(ray_address, web, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "images: FAILED" in proc.stdout
     assert job_status(load_job(spec))["stages"]["images"]["state"] == "failed"
+
+
+def test_demo_corpus_is_downloaded_over_loopback(ray_address, tmp_path):
+    from pipeline.demo import shapes
+
+    spec = write_job(tmp_path / "job.yaml", tmp_path / "out",
+                     "  images: {kind: ingest-images, url_list: 'demo://shapes?count=30', image_size: 64, "
+                     "samples_per_shard: 20}\n")
+    job = load_job(spec)
+    (result,) = run(job)
+    assert (result.built, result.samples, result.failures) == (2, 30, 0)
+    members = tar_members(tmp_path / "out", "images")
+    captions = sorted(v.decode() for k, v in members.items() if k.endswith(".txt"))
+    assert captions == sorted(row["caption"] for row in shapes.demo_rows(30))
+    meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
+    assert meta["url"].startswith("http://127.0.0.1:")                   # really fetched over HTTP
+    assert job_status(job)["stages"]["images"]["state"] == "done"

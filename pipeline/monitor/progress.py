@@ -56,5 +56,6 @@ class StageProgress:
         self._log(f"finished in {time.monotonic() - self.started:.1f}s: {self.line()}")
 
     def _log(self, text: str) -> None:
+        self._last_log = time.monotonic()
         stamp = time.strftime("%H:%M:%S")
         print(f"{stamp} [{self.stage}] {text}", file=sys.stderr, flush=True)

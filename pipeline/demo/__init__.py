@@ -1,0 +1,1 @@
+"""Offline demo corpora: procedurally drawn captioned images (shapes) and synthesized speech."""

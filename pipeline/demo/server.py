@@ -25,17 +25,21 @@ class QuietHandler(SimpleHTTPRequestHandler):
         return super().send_head()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024   # the default 5 drops connects from many downloader threads (1 s SYN retry)
+
+
 class LocalServer:
     """Context manager: `with LocalServer(folder) as srv: srv.url("a.jpg")`."""
 
     def __init__(self, root: str | Path, handler: type[SimpleHTTPRequestHandler] = QuietHandler):
         self.root = Path(root)
         self.handler = handler
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
 
     def __enter__(self) -> "LocalServer":
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(self.handler, directory=str(self.root)))
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), partial(self.handler, directory=str(self.root)))
         self._httpd.hits = Counter()
         self._httpd.lock = threading.Lock()
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()

@@ -54,9 +54,9 @@ def run(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
     for result in results:
         spec = job.stages[result.name]
         failed = result.failed(spec.execution.max_failure_share)
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(result.failure_reasons.items(), key=lambda kv: -kv[1]))
+        reasons = ", ".join(f"{r}: {n}" for r, n in result.totals.reasons.items())
         print(f"{result.name}: {'FAILED' if failed else 'ok'}: built {result.built} shard(s), "
-              f"{result.samples} samples, {result.failures} failed samples"
+              f"{result.totals.samples} samples, {result.totals.failures} failed samples"
               + (f" ({reasons})" if reasons else "") + (f"; {result.skipped}" if result.skipped else "")
               + (f"; {result.waiting} shard(s) wait for unbuilt inputs" if result.waiting else ""))
         exit_code = EXIT_WORK_FAILED if failed else exit_code

@@ -117,6 +117,28 @@ class Plan:
     def count(self, state: State) -> int:
         return sum(1 for p in self.shards.values() if p.state is state)
 
+    def totals(self) -> "Totals":
+        """Samples written and failed, with reasons, over the done shards."""
+        totals = Totals()
+        for marker in self.done_markers():
+            totals.samples += marker.samples
+            for reason, count in marker.failures.items():
+                totals.failures += count
+                totals.reasons[reason] = totals.reasons.get(reason, 0) + count
+        totals.reasons = dict(sorted(totals.reasons.items(), key=lambda kv: -kv[1]))
+        return totals
+
+
+@dataclass
+class Totals:
+    samples: int = 0
+    failures: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)   # most frequent first
+
+    def failure_share(self) -> float:
+        attempted = self.samples + self.failures
+        return self.failures / attempted if attempted else 0.0
+
 
 class StageLedger:
     """Markers and outputs of one stage under `{storage}/{stage}/`."""

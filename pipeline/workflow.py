@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from pipeline import executor
-from pipeline.ledger import Marker, OutputFile, Plan, StageLedger, State, new_marker, shard_fingerprint, stage_fingerprint
+from pipeline.ledger import (Marker, OutputFile, Plan, StageLedger, State, Totals, new_marker, shard_fingerprint,
+                             stage_fingerprint)
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import ShardInput, Stage, UpstreamShard
 from pipeline.storage import Storage
@@ -67,16 +68,12 @@ class StageResult:
     name: str
     built: int = 0
     failed_shards: int = 0
-    samples: int = 0
-    failures: int = 0
+    totals: Totals = field(default_factory=Totals)   # over all done shards, this run's and earlier
     skipped: str = ""          # why the stage did not run at all
     waiting: int = 0           # shards whose input shards are not built (inputs not selected)
-    failure_reasons: dict[str, int] = field(default_factory=dict)
 
     def failed(self, max_failure_share: float) -> bool:
-        attempted = self.samples + self.failures
-        return self.failed_shards > 0 or bool(self.skipped) or (
-            attempted > 0 and self.failures / attempted > max_failure_share)
+        return self.failed_shards > 0 or bool(self.skipped) or self.totals.failure_share() > max_failure_share
 
 
 def build_shard(shared: tuple[Stage, Storage, str], item: ShardInput) -> dict:
@@ -185,12 +182,7 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
             if sink:
                 sink.close()
     planner.forget(name)
-    final = planner.plan(name).plan
-    for marker in final.done_markers():
-        result.samples += marker.samples
-        result.failures += marker.failure_count
-        for reason, count in marker.failures.items():
-            result.failure_reasons[reason] = result.failure_reasons.get(reason, 0) + count
+    result.totals = planner.plan(name).plan.totals()
     result.waiting = waiting
     _write_stage_record(planner, planner.plan(name), running=False, started=started, result=result)
     return result
@@ -208,6 +200,6 @@ def _write_stage_record(planner: Planner, planned: StagePlan, *, running: bool, 
     }
     if result is not None:
         record["last_run"] = {"built": result.built, "failed_shards": result.failed_shards,
-                              "samples": result.samples, "failures": result.failures,
-                              "failure_reasons": result.failure_reasons, "seconds": time.time() - started}
+                              "samples": result.totals.samples, "failures": result.totals.failures,
+                              "failure_reasons": result.totals.reasons, "seconds": time.time() - started}
     planner.storage.write_json(planner.ledger(planned.spec.name).rel("_stage.json"), record)

@@ -60,8 +60,8 @@ def test_broken_web_is_counted_per_reason_and_good_samples_kept(ray_address, web
 
     (result,) = run(job)
 
-    assert (result.built, result.samples, result.failures) == (3, 20, 7)
-    assert result.failure_reasons == EXPECTED_REASONS
+    assert (result.built, result.totals.samples, result.totals.failures) == (3, 20, 7)
+    assert result.totals.reasons == EXPECTED_REASONS
     assert not result.failed(job.stages["images"].execution.max_failure_share)
     members = tar_members(tmp_path / "out", "images")
     jpgs = [n for n in members if n.endswith(".jpg")]
@@ -80,7 +80,7 @@ def test_rerun_downloads_nothing_appending_downloads_only_new_shards(ray_address
     url_list = write_url_list(tmp_path / "list.parquet", good_urls(web, 0, 20))
     spec = write_job(tmp_path / "job.yaml", tmp_path / "out", ingest("images", url_list))
     (first,) = run(load_job(spec))
-    assert (first.built, first.samples) == (2, 20)
+    assert (first.built, first.totals.samples) == (2, 20)
     hits = dict(web.hits)
 
     (again,) = run(load_job(spec))
@@ -88,7 +88,7 @@ def test_rerun_downloads_nothing_appending_downloads_only_new_shards(ray_address
 
     write_url_list(url_list, good_urls(web, 0, 30))              # ten rows appended
     (appended,) = run(load_job(spec))
-    assert (appended.built, appended.samples) == (1, 30)
+    assert (appended.built, appended.totals.samples) == (1, 30)
     new_hits = {path: n - hits.get(path, 0) for path, n in web.hits.items() if n != hits.get(path, 0)}
     assert new_hits == {f"/good-{i}.jpg": 1 for i in range(20, 30)}
 
@@ -109,7 +109,7 @@ def test_config_changes_reach_downstream_only(ray_address, web, tmp_path, with_c
     spec = write_job(tmp_path / "job.yaml", tmp_path / "out", ingest("a", list_a) + ingest("b", list_b) + stats)
     results = run(load_job(spec))
     assert [(r.name, r.built) for r in results] == [("a", 2), ("b", 1), ("stats", 2)]
-    assert {r.name: r.samples for r in results}["stats"] == 20
+    assert {r.name: r.totals.samples for r in results}["stats"] == 20
 
     def states(text: str) -> dict[str, set[State]]:
         planner = Planner(load_job(write_job(tmp_path / "job2.yaml", tmp_path / "out", text)))
@@ -200,7 +200,7 @@ def test_demo_corpus_is_downloaded_over_loopback(ray_address, tmp_path):
                      "samples_per_shard: 20}\n")
     job = load_job(spec)
     (result,) = run(job)
-    assert (result.built, result.samples, result.failures) == (2, 30, 0)
+    assert (result.built, result.totals.samples, result.totals.failures) == (2, 30, 0)
     members = tar_members(tmp_path / "out", "images")
     captions = sorted(v.decode() for k, v in members.items() if k.endswith(".txt"))
     assert captions == sorted(row["caption"] for row in shapes.demo_rows(30))

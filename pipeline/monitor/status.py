@@ -19,23 +19,17 @@ def job_status(job: JobSpec) -> dict:
     for name, spec in job.stages.items():
         planned = planner.plan(name)
         shards = [p for p in planned.plan.shards.values() if p.state is not State.ORPHAN]
-        done = [p.marker for p in shards if p.state is State.DONE]
-        samples = sum(m.samples for m in done)
-        failures = sum(m.failure_count for m in done)
-        reasons: dict[str, int] = {}
-        for marker in done:
-            for reason, count in marker.failures.items():
-                reasons[reason] = reasons.get(reason, 0) + count
-        counts = {state: sum(1 for p in shards if p.state is state) for state in State}
-        over_threshold = samples + failures > 0 and failures / (samples + failures) > spec.execution.max_failure_share
+        totals = planned.plan.totals()
+        counts = {state: planned.plan.count(state) for state in State}
+        over_threshold = totals.failure_share() > spec.execution.max_failure_share
         record = planner.storage.read_json(planner.ledger(name).rel("_stage.json")) or {}
         stages[name] = {
             "state": _state(counts, len(shards), over_threshold, _is_running(record)),
             "shards_done": counts[State.DONE], "shards_total": len(shards),
-            "samples": samples, "failures": failures,
+            "samples": totals.samples, "failures": totals.failures,
             "shards_stale": counts[State.STALE], "shards_missing": counts[State.MISSING],
-            "shards_failed": counts[State.FAILED], "orphans": len(planned.plan.orphans()),
-            "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+            "shards_failed": counts[State.FAILED], "orphans": counts[State.ORPHAN],
+            "failure_reasons": totals.reasons,
             "last_error": next((p.reason for p in shards if p.state is State.FAILED), None),
         }
     return {"job": job.name, "stages": stages}

@@ -69,12 +69,15 @@ class BrokenWebHandler(QuietHandler):
 
 @pytest.fixture
 def web(tmp_path):
-    """A loopback server with good JPEGs (good-N.jpg), a decompression bomb, and broken paths."""
+    """A loopback server with good JPEGs (good-N.jpg), a decompression bomb, tiny and wide images,
+    and broken paths."""
     root = tmp_path / "www"
     root.mkdir()
     for i in range(40):
         (root / f"good-{i}.jpg").write_bytes(jpeg_bytes(color=(i * 6, 100, 200 - i * 4)))
     Image.new("1", (12000, 12000)).save(root / "bomb.png")   # 144 Mpx, a few KB on the wire
+    (root / "tiny.jpg").write_bytes(jpeg_bytes(size=(16, 16)))
+    (root / "wide.jpg").write_bytes(jpeg_bytes(size=(400, 50)))
     with LocalServer(root, BrokenWebHandler) as server:
         yield server
 

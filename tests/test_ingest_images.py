@@ -21,9 +21,10 @@ from pipeline.spec import load_job
 from pipeline.stages import STAGES
 from pipeline.workflow import Planner, run
 
-BROKEN = ["missing.jpg", "text.jpg", "truncated.jpg", "bomb.png", "noai.jpg", "slow.jpg"]
+BROKEN = ["missing.jpg", "text.jpg", "truncated.jpg", "bomb.png", "noai.jpg", "slow.jpg", "tiny.jpg", "wide.jpg"]
 EXPECTED_REASONS = {"http 404": 1, "not a decodable image": 2, "over the pixel limit": 1,
-                    "disallowed by X-Robots-Tag": 1, "timeout": 1, "connection refused": 1}
+                    "disallowed by X-Robots-Tag": 1, "timeout": 1, "connection refused": 1,
+                    "under the minimum size": 1, "aspect ratio over the limit": 1}
 
 
 @pytest.fixture
@@ -56,11 +57,12 @@ def good_urls(web, start: int, stop: int, prefix: str = "") -> list[str]:
 def test_broken_web_is_counted_per_reason_and_good_samples_kept(ray_address, web, tmp_path):
     urls = good_urls(web, 0, 20) + [web.url(p) for p in BROKEN] + ["http://127.0.0.1:9/refused.jpg"]
     url_list = write_url_list(tmp_path / "list.parquet", urls, license=[f"cc-{i}" for i in range(len(urls))])
-    job = load_job(write_job(tmp_path / "job.yaml", tmp_path / "out", ingest("images", url_list)))
+    job = load_job(write_job(tmp_path / "job.yaml", tmp_path / "out",
+                             ingest("images", url_list, min_image_size=32, max_aspect_ratio=3)))
 
     (result,) = run(job)
 
-    assert (result.built, result.totals.samples, result.totals.failures) == (3, 20, 7)
+    assert (result.built, result.totals.samples, result.totals.failures) == (3, 20, 9)
     assert result.totals.reasons == EXPECTED_REASONS
     assert not result.failed(job.stages["images"].execution.max_failure_share)
     members = tar_members(tmp_path / "out", "images")
@@ -72,7 +74,7 @@ def test_broken_web_is_counted_per_reason_and_good_samples_kept(ray_address, web
     assert members[jpgs[0].replace(".jpg", ".txt")].decode().startswith("caption ")
     status = job_status(job)["stages"]["images"]
     assert (status["state"], status["shards_done"], status["shards_total"]) == ("done", 3, 3)
-    assert (status["samples"], status["failures"], status["failure_reasons"]) == (20, 7, EXPECTED_REASONS)
+    assert (status["samples"], status["failures"], status["failure_reasons"]) == (20, 9, EXPECTED_REASONS)
     assert list((tmp_path / "out" / "images" / "shards").glob("*_stats.json"))   # img2dataset's stats kept
 
 

@@ -21,7 +21,10 @@ class StageProgress:
         self.started = self._last_log = time.monotonic()
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._bar = None
-        if self.interactive:
+        self.idle = total == already_done
+        if self.idle:
+            self._log(f"all {total} shards done, nothing to build")
+        elif self.interactive:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("shards  {task.fields[rate]}  {task.fields[failures]}"),
                                  TimeElapsedColumn(), console=Console(stderr=True))
@@ -51,6 +54,8 @@ class StageProgress:
             self._log(f"shard {marker.shard} failed: {marker.error}")
 
     def close(self) -> None:
+        if self.idle:
+            return
         if self._bar is not None:
             self._bar.stop()
         self._log(f"finished in {time.monotonic() - self.started:.1f}s: {self.line()}")

@@ -58,7 +58,8 @@ def run(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         print(f"{result.name}: {'FAILED' if failed else 'ok'}: built {result.built} shard(s), "
               f"{result.totals.samples} samples, {result.totals.failures} failed samples"
               + (f" ({reasons})" if reasons else "") + (f"; {result.skipped}" if result.skipped else "")
-              + (f"; {result.waiting} shard(s) wait for unbuilt inputs" if result.waiting else ""))
+              + (f"; {result.waiting} shard(s) wait for unbuilt inputs" if result.waiting else "")
+              + "".join(f"\n  {error}" for error in result.prepare_errors))
         exit_code = EXIT_WORK_FAILED if failed else exit_code
     raise typer.Exit(exit_code)
 

@@ -27,9 +27,18 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
+def parallel(fn: Callable[[Any, Any], Any], shared: Any, items: list, **options) -> list[tuple[Any, Any, Any]]:
+    """run_bounded collecting (item, result, error) triples, error being None on success."""
+    outcomes: list[tuple[Any, Any, Any]] = []
+    run_bounded(fn, shared, items, on_result=lambda item, result: outcomes.append((item, result, None)),
+                on_error=lambda item, error: outcomes.append((item, None, error)), **options)
+    return outcomes
+
+
 def run_bounded(fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any], *,
                 num_cpus: float = 1.0, max_in_flight: int | None = None, retries: int = 2,
-                on_result: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]) -> None:
+                retry_exceptions: bool = True, on_result: Callable[[Any, Any], None],
+                on_error: Callable[[Any, BaseException], None]) -> None:
     """Call fn(shared, item) for every item as a Ray task and report each outcome.
 
     `shared` is put in the object store once. At most `max_in_flight` tasks exist at a time
@@ -37,7 +46,7 @@ def run_bounded(fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]
     items there are. A task whose worker died or that raised is retried `retries` times
     before on_error sees it.
     """
-    remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)
+    remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=retries, retry_exceptions=retry_exceptions)
     limit = max_in_flight or max(1, int(2 * cluster_cpus() / num_cpus))
     shared_ref = ray.put(shared)
     pending: dict[ray.ObjectRef, Any] = {}
@@ -57,6 +66,8 @@ def run_bounded(fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]
             item = pending.pop(ref)
             try:
                 result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                on_error(item, exc.cause or exc)    # the task's own exception, not Ray's wrapper
             except ray.exceptions.RayError as exc:
                 on_error(item, exc)
             else:

@@ -15,7 +15,6 @@ import yaml
 from pipeline.schemas import schema
 from pipeline.stages import STAGES, Stage
 
-REFERENCE_KEYS = ("inputs",)             # keys whose values name other stages
 EXECUTION_KEYS = ("kind", "max_failure_share", "max_in_flight", "shard_retries")
 
 
@@ -84,10 +83,12 @@ def parse_job(text: str, source: str = "<spec>", base_dir: Path = Path(".")) -> 
     except yaml.YAMLError as exc:
         raise SpecError(source, [("", f"not valid YAML: {exc}")]) from None
     problems = _schema_problems(data)
-    if problems:
+    raw = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
         raise SpecError(source, problems, lines)
-    stages, problems = _build_stages(data["stages"])
-    problems += _reference_problems(data["stages"])
+    invalid = {path.split(".")[1].split("[")[0] for path, _ in problems if path.startswith("stages.")}
+    stages, stage_problems = _build_stages({n: d for n, d in raw.items() if n not in invalid})
+    problems += stage_problems + _reference_problems(raw)
     if problems:
         raise SpecError(source, problems, lines)
     storage = data["storage"]
@@ -145,19 +146,20 @@ def _build_stages(raw: dict) -> tuple[dict[str, StageSpec], list[tuple[str, str]
 
 
 def _reference_problems(raw: dict) -> list[tuple[str, str]]:
-    problems = []
-    for name, data in raw.items():
-        for key in REFERENCE_KEYS:
-            refs = data.get(key, [])
-            for i, ref in enumerate(refs if isinstance(refs, list) else [refs]):
-                if ref not in raw:
-                    problems.append((_dotted(["stages", name, key, i]),
-                                     f"no stage named {ref!r} (stages: {', '.join(raw)})"))
+    graph = {n: _references(d) for n, d in raw.items()}
+    problems = [(_dotted(["stages", name, "inputs", i]), f"no stage named {ref!r} (stages: {', '.join(raw)})")
+                for name, refs in graph.items() for i, ref in enumerate(refs) if ref not in raw]
     if not problems:
-        cycle = _find_cycle({n: list(d.get("inputs", [])) for n, d in raw.items()})
+        cycle = _find_cycle(graph)
         if cycle:
             problems.append((_dotted(["stages", cycle[0], "inputs"]), "cycle: " + " -> ".join(cycle)))
     return problems
+
+
+def _references(stage: Any) -> list[str]:
+    """The stage names a stage refers to (malformed values are the schema's to report)."""
+    refs = stage.get("inputs", []) if isinstance(stage, dict) else []
+    return [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:

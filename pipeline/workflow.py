@@ -7,6 +7,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Protocol
 
 from pipeline import executor
@@ -71,9 +72,11 @@ class StageResult:
     totals: Totals = field(default_factory=Totals)   # over all done shards, this run's and earlier
     skipped: str = ""          # why the stage did not run at all
     waiting: int = 0           # shards whose input shards are not built (inputs not selected)
+    prepare_errors: list[str] = field(default_factory=list)   # e.g. archives that failed to download
 
     def failed(self, max_failure_share: float) -> bool:
-        return self.failed_shards > 0 or bool(self.skipped) or self.totals.failure_share() > max_failure_share
+        return (self.failed_shards > 0 or bool(self.skipped) or bool(self.prepare_errors)
+                or self.totals.failure_share() > max_failure_share)
 
 
 def build_shard(shared: tuple[Stage, Storage, str], item: ShardInput) -> dict:
@@ -137,7 +140,10 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
     ledger = planner.ledger(name)
     storage = planner.storage
     started = time.time()
+    result = StageResult(name)
     with spec.stage.session() as stage:
+        result.prepare_errors = stage.prepare(partial(_parallel, planner))
+        planner.forget(name)
         planned = planner.plan(name)
         plan = planned.plan
         if prune:
@@ -149,7 +155,6 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
         storage.remove(ledger.rel("_tmp"))   # scratch left by a killed run
         _write_stage_record(planner, planned, running=True, started=started)
         sink = progress(name, len(planned.items), len(planned.items) - len(todo) - waiting) if progress else None
-        result = StageResult(name)
         heartbeat = [time.time()]
 
         def report(marker: Marker) -> None:
@@ -174,7 +179,7 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
 
         try:
             if todo:
-                executor.connect(planner.address, planner.job.ray_num_cpus)
+                _connect(planner)
                 executor.run_bounded(build_shard, (stage, storage, planned.fingerprint), todo,
                                      num_cpus=stage.num_cpus, max_in_flight=spec.execution.max_in_flight,
                                      retries=spec.execution.shard_retries, on_result=on_result, on_error=on_error)
@@ -186,6 +191,18 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
     result.waiting = waiting
     _write_stage_record(planner, planner.plan(name), running=False, started=started, result=result)
     return result
+
+
+def _connect(planner: Planner) -> None:
+    executor.connect(planner.address, planner.job.ray_num_cpus)
+
+
+def _parallel(planner: Planner, fn: Callable, shared, items: list) -> list[tuple]:
+    """What a stage's prepare() gets to run work on the cluster (Ray is joined only if needed)."""
+    if not items:
+        return []
+    _connect(planner)
+    return executor.parallel(fn, shared, items, retries=1, retry_exceptions=False)   # fn retries its own I/O
 
 
 def _write_stage_record(planner: Planner, planned: StagePlan, *, running: bool, started: float,
@@ -201,5 +218,6 @@ def _write_stage_record(planner: Planner, planned: StagePlan, *, running: bool, 
     if result is not None:
         record["last_run"] = {"built": result.built, "failed_shards": result.failed_shards,
                               "samples": result.totals.samples, "failures": result.totals.failures,
-                              "failure_reasons": result.totals.reasons, "seconds": time.time() - started}
+                              "failure_reasons": result.totals.reasons, "prepare_errors": result.prepare_errors,
+                              "seconds": time.time() - started}
     planner.storage.write_json(planner.ledger(planned.spec.name).rel("_stage.json"), record)

@@ -107,6 +107,12 @@ def cached_slices(files: list[str], samples_per_shard: int) -> list[tuple[Slice,
     return result
 
 
+def iter_rows(path: str) -> Iterator[dict]:
+    """Every row of one parquet/csv/tsv file as a dict, streaming."""
+    for batch in _batches(path):
+        yield from batch.to_pylist()
+
+
 def read_slice(piece: Slice) -> pa.Table:
     """The rows of one slice as a table (reads only the row groups it needs from parquet)."""
     tables = [_read_range(f, start, stop) for f, start, stop in piece.ranges]

@@ -23,22 +23,25 @@ def job_status(job: JobSpec) -> dict:
         counts = {state: planned.plan.count(state) for state in State}
         over_threshold = totals.failure_share() > spec.execution.max_failure_share
         record = planner.storage.read_json(planner.ledger(name).rel("_stage.json")) or {}
+        prepare_errors = record.get("last_run", {}).get("prepare_errors", [])
         stages[name] = {
-            "state": _state(counts, len(shards), over_threshold, _is_running(record)),
+            "state": _state(counts, len(shards), over_threshold or bool(prepare_errors), _is_running(record)),
             "shards_done": counts[State.DONE], "shards_total": len(shards),
             "samples": totals.samples, "failures": totals.failures,
             "shards_stale": counts[State.STALE], "shards_missing": counts[State.MISSING],
             "shards_failed": counts[State.FAILED], "orphans": counts[State.ORPHAN],
             "failure_reasons": totals.reasons,
-            "last_error": next((p.reason for p in shards if p.state is State.FAILED), None),
+            "last_error": next((p.reason for p in shards if p.state is State.FAILED), None)
+            or next(iter(prepare_errors), None),
+            **spec.stage.status_figures(planned.plan.done_markers()),
         }
     return {"job": job.name, "stages": stages}
 
 
-def _state(counts: dict, total: int, over_threshold: bool, running: bool) -> str:
+def _state(counts: dict, total: int, failed: bool, running: bool) -> str:
     if running:
         return "running"
-    if counts[State.FAILED] or over_threshold:
+    if counts[State.FAILED] or failed:
         return "failed"
     if total and counts[State.DONE] == total:
         return "done"

@@ -10,7 +10,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,18 @@ class Stage:
         (shards,) = upstream.values()
         return [ShardInput(shard, up.digest if up else None, up.files if up else ())
                 for shard, up in sorted(shards.items())]
+
+    def prepare(self, parallel: Callable) -> list[str]:
+        """Fetch what planning needs (corpus archives) before shards are listed.
+
+        `parallel(fn, shared, items)` runs fn(shared, item) for each item on the cluster and
+        returns (item, result, error) triples. Returns one message per thing that failed.
+        """
+        return []
+
+    def status_figures(self, markers: list) -> dict:
+        """Stage-specific totals shown by `status` beside the standard ones (e.g. hours)."""
+        return {}
 
     @contextmanager
     def session(self) -> Iterator["Stage"]:

@@ -1,0 +1,1 @@
+"""Tokenizers: text (BPE, phonemes), image VQ, audio codecs."""

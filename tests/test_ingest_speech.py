@@ -171,3 +171,19 @@ def test_spec_errors_for_speech(tmp_path):
     assert "dev_clean.tar.gz" in found["stages.b.checksums"]
     assert "manifest" in found["stages.c.manifest"]
     assert "timit" in found["stages.d.corpus"]
+
+
+def test_archive_with_escaping_member_is_refused_and_writes_nothing_outside(ray_address, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    files = corpora.librispeech_files("dev-clean")
+    files["../../escaped.txt"] = b"should never be written"
+    sha = corpora.pack(files, www / "dev-clean.tar.gz")
+    with LocalServer(www) as server:
+        spec = write_job(tmp_path / "job.yaml", tmp_path / "out",
+                         speech_stage(server, "librispeech", ["dev-clean"], {"dev-clean.tar.gz": sha}, tmp_path))
+        (result,) = run(load_job(spec))
+    assert len(result.prepare_errors) == 1 and "../../escaped.txt" in result.prepare_errors[0]
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "corpora/librispeech/dev-clean").exists()
+    assert not (tmp_path / "corpora/librispeech/dev-clean.partial").exists()

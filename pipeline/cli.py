@@ -17,6 +17,8 @@ from pipeline.spec import JobSpec, SpecError, load_job
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn image-text pairs and speech into token shards and train token models on Ray.")
 EXIT_OK, EXIT_WORK_FAILED, EXIT_USAGE = 0, 1, 2
+STANDARD_STATUS_KEYS = {"state", "shards_done", "shards_total", "samples", "failures", "shards_stale",
+                        "shards_missing", "shards_failed", "orphans", "failure_reasons", "last_error"}
 
 
 def _load(path: str) -> JobSpec:
@@ -75,12 +77,13 @@ def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         print(json.dumps(report, indent=1))
         return
     table = Table(title=f"job {report['job']}")
-    for column in ("stage", "state", "shards", "samples", "failures", "top failure reasons"):
+    for column in ("stage", "state", "shards", "samples", "failures", "top failure reasons", "figures"):
         table.add_column(column, justify="right" if column in ("shards", "samples", "failures") else "left")
     for name, s in report["stages"].items():
         reasons = ", ".join(f"{r} ({n})" for r, n in list(s["failure_reasons"].items())[:3])
+        figures = ", ".join(f"{k} {v}" for k, v in s.items() if k not in STANDARD_STATUS_KEYS)
         table.add_row(name, s["state"], f"{s['shards_done']}/{s['shards_total']}", str(s["samples"]),
-                      str(s["failures"]), reasons)
+                      str(s["failures"]), reasons, figures)
     Console().print(table)
 
 

@@ -187,3 +187,23 @@ def test_archive_with_escaping_member_is_refused_and_writes_nothing_outside(ray_
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path / "corpora/librispeech/dev-clean").exists()
     assert not (tmp_path / "corpora/librispeech/dev-clean.partial").exists()
+
+
+def test_demo_espeak_goes_through_the_librispeech_path(ray_address, tmp_path):
+    from pipeline.demo import speech
+
+    spec = write_job(tmp_path / "job.yaml", tmp_path / "out",
+                     f"  speech: {{kind: ingest-speech, corpus: demo-espeak, parts: [demo-12], "
+                     f"download_dir: {tmp_path}/corpora, samples_per_shard: 6}}\n")
+    job = load_job(spec)
+    (result,) = run(job)
+    assert (result.built, result.totals.samples, result.totals.failures) == (2, 12, 0)
+    assert (tmp_path / "corpora/demo-espeak/demo-12.tar.gz.completed").exists()      # downloaded over HTTP
+    found = samples(tmp_path / "out")
+    expected = {u["id"]: u for u in speech.utterances(12)}
+    assert set(found) == set(expected)
+    for uid, sample in found.items():
+        assert sample["txt"] == speech.transcript(expected[uid]["text"])
+        assert sample["json"]["speaker"] == str(expected[uid]["speaker"]) and sample["rate"] == 24000
+    status = job_status(job)["stages"]["speech"]
+    assert status["speakers"] == len({u["speaker"] for u in expected.values()}) >= 6

@@ -116,6 +116,7 @@ class IngestSpeech(Stage):
         return Path(self.config.download_dir or cache_dir() / "corpora") / self.recipe.name
 
     def _downloads(self) -> list[Download]:
+        """What to fetch: URL (official, mirror or the local demo server), archive, checksum, target."""
         base_url, checksums = self._served or (self.config.base_url or self.recipe.base_url, {})
         checksums = {**checksums, **self.config.checksums}
         jobs = []
@@ -149,10 +150,10 @@ class IngestSpeech(Stage):
         if self.config.corpus == "manifest":
             yield "manifest", self.config.manifest, "manifest"
             return
-        for job in self._downloads():
-            completed = Path(f"{job.archive}.completed")
-            if Path(job.target).exists() and completed.exists():
-                yield Path(job.target).name, job.target, json.loads(completed.read_text())["sha256"] or job.url
+        for part in self.config.parts:
+            target, completed = self._folder() / part, self._folder() / f"{self.recipe.archive(part)[0]}.completed"
+            if target.exists() and completed.exists():   # extracted, from an archive whose digest is recorded
+                yield part, str(target), json.loads(completed.read_text())["sha256"] or str(completed)
 
     def inputs(self, upstream: dict) -> list[ShardInput]:
         items = []

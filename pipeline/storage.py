@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 
@@ -70,13 +70,7 @@ class Storage:
         """Atomically replace `rel` with `data`."""
         dest = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            write_atomically(dest, lambda tmp: _write_synced(tmp, data))
         else:
             self.fs.pipe_file(dest, data)
 
@@ -119,6 +113,21 @@ class Storage:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Have `write(tmp)` write a temporary sibling of `path`, then rename it over `path`.
+
+    A crash never leaves a torn file under `path`: readers see the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cache_dir() -> Path:
     """This machine's cache of derived data: $TOKENMILL_CACHE or ~/.cache/tokenmill."""
     return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))
@@ -132,6 +141,13 @@ def file_digest(path: str | Path) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _protocols(fs) -> tuple[str, ...]:

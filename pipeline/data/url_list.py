@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from pipeline.storage import cache_dir
+from pipeline.storage import cache_dir, write_atomically
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 
@@ -100,10 +99,7 @@ def cached_slices(files: list[str], samples_per_shard: int) -> list[tuple[Slice,
     except (OSError, ValueError):
         pass
     result = list(slices(files, samples_per_shard))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps([[p.shard, p.ranges, digest] for p, digest in result]))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps([[p.shard, p.ranges, d] for p, d in result])))
     return result
 
 

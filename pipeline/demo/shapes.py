@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from pipeline.storage import write_atomically
 
 SHAPES_VERSION = 1  # bump when drawing or captions change (it enters fingerprints)
 
@@ -146,13 +147,6 @@ def demo_rows(count: int, seed: int = 0) -> list[dict]:
             for i in range(count)]
 
 
-def _replace_with(path: Path, write) -> None:
-    """Write `path` through a temporary name, so a crash never leaves a torn file under it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def materialize(count: int, folder: str | Path, seed: int = 0, size: int = 128) -> Path:
     """Draw folder/shapes/NNNNNN.png and write folder/shapes.parquet; returns the parquet path.
 
@@ -176,7 +170,7 @@ def materialize(count: int, folder: str | Path, seed: int = 0, size: int = 128) 
             stale.unlink()
     for row in rows:
         image = draw(scene_for(row["index"], seed), size)
-        _replace_with(images / f"{row['index']:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
-    _replace_with(table, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
-    _replace_with(marker, lambda tmp: tmp.write_text(json.dumps(wanted)))
+        write_atomically(images / f"{row['index']:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
+    write_atomically(table, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
+    write_atomically(marker, lambda tmp: tmp.write_text(json.dumps(wanted)))
     return table

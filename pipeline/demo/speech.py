@@ -25,7 +25,8 @@ import espeakng_loader
 import numpy as np
 import soundfile as sf
 
-from pipeline.demo.shapes import _replace_with, caption, scene_for
+from pipeline.demo.shapes import caption, scene_for
+from pipeline.storage import write_atomically
 
 SPEECH_VERSION = 1  # bump when synthesis, sentences or layout change
 SAMPLE_RATE_OUT = 16000  # LibriSpeech's rate; archive audio is resampled to it
@@ -229,10 +230,10 @@ def build_archive(count: int, folder: str | Path, seed: int = 0) -> tuple[Path, 
     marker.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     members = _members(part, utterances(count, seed))
-    _replace_with(archive, lambda tmp: _write_tar_gz(tmp, members))
+    write_atomically(archive, lambda tmp: _write_tar_gz(tmp, members))
     with open(archive, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     record = {"count": count, "seed": seed, "sha256": sha, "size": archive.stat().st_size,
               "version": SPEECH_VERSION}
-    _replace_with(marker, lambda tmp: tmp.write_text(json.dumps(record)))
+    write_atomically(marker, lambda tmp: tmp.write_text(json.dumps(record)))
     return archive, sha

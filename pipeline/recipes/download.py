@@ -17,6 +17,8 @@ from pathlib import Path
 import requests
 import urllib3
 
+from pipeline.storage import write_atomically
+
 
 class DownloadError(RuntimeError):
     """A download that failed for good; the message names the URL and the reason."""
@@ -61,9 +63,8 @@ def fetch(url: str, dest: str | Path, sha256: str | None, *, timeout: float = 60
         part.unlink(missing_ok=True)   # resuming a wrong part would only fail again
         raise DownloadError(f"{url}: sha256 mismatch: expected {sha256.lower()}, got {digest}")
     os.replace(part, dest)
-    tmp = marker.with_name(marker.name + ".tmp")   # the marker is last, and whole or absent
-    tmp.write_text(json.dumps({"url": url, "sha256": digest, "size": dest.stat().st_size}))
-    os.replace(tmp, marker)
+    record = {"url": url, "sha256": digest, "size": dest.stat().st_size}
+    write_atomically(marker, lambda tmp: tmp.write_text(json.dumps(record)))   # last, whole or absent
     return dest
 
 

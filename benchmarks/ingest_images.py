@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from timing import timed_run
 
-BIN = Path(sys.executable).parent
 SERVE = ("import sys\nfrom pipeline.demo.server import LocalServer\n"
          "with LocalServer(sys.argv[1]) as server:\n    print(server.base_url, flush=True)\n    sys.stdin.read()\n")
 # The baseline as a command of its own, like `tokenmill run`: arguments come as JSON on argv.
@@ -103,18 +103,9 @@ def write_job(path: Path, url_list: Path, processes: int, threads: int, samples_
 
 
 def run_tokenmill(job: Path, env: dict) -> dict:
-    started = time.perf_counter()
-    done = subprocess.run([BIN / "tokenmill", "run", job], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"tokenmill run {job} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    status = json.loads(subprocess.run([BIN / "tokenmill", "status", job, "--json"], env=env, check=True,
-                                       capture_output=True, text=True).stdout)
-    record = json.loads((storage_of(job) / "images/_stage.json").read_text())
-    markers = [json.loads(p.read_text()) for p in (storage_of(job) / "images/_state").glob("*.json")]
-    return {"wall": wall, "seconds": record["last_run"]["seconds"], "samples": status["stages"]["images"]["samples"],
-            "shards": span([(m["started"], m["finished"]) for m in markers]),
-            "line": done.stdout.strip().splitlines()[-1]}
+    run = timed_run(job, storage_of(job), "images", env)
+    return {"wall": run["wall"], "seconds": run["record"]["last_run"]["seconds"], "samples": run["status"]["samples"],
+            "shards": run["span"], "line": run["line"]}
 
 
 def throughput(tmp: Path, url_list: Path, args, env: dict) -> None:

@@ -207,3 +207,20 @@ def test_demo_espeak_goes_through_the_librispeech_path(ray_address, tmp_path):
         assert sample["json"]["speaker"] == str(expected[uid]["speaker"]) and sample["rate"] == 24000
     status = job_status(job)["stages"]["speech"]
     assert status["speakers"] == len({u["speaker"] for u in expected.values()}) >= 6
+
+
+def test_moving_download_dir_keeps_shards_fresh(ray_address, tmp_path):
+    from pipeline.ledger import State
+    from pipeline.workflow import Planner
+
+    www = tmp_path / "www"
+    www.mkdir()
+    sha = corpora.pack(corpora.librispeech_files("dev-clean"), www / "dev-clean.tar.gz")
+    with LocalServer(www) as server:
+        stage = speech_stage(server, "librispeech", ["dev-clean"], {"dev-clean.tar.gz": sha}, tmp_path,
+                             phonemes="false")
+        run(load_job(write_job(tmp_path / "job.yaml", tmp_path / "out", stage)))
+    (tmp_path / "corpora").rename(tmp_path / "moved")
+    moved = stage.replace(str(tmp_path / "corpora"), str(tmp_path / "moved"))
+    planner = Planner(load_job(write_job(tmp_path / "job2.yaml", tmp_path / "out", moved)))
+    assert {p.state for p in planner.plan("speech").plan.shards.values()} == {State.DONE}

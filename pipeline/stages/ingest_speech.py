@@ -163,7 +163,9 @@ class IngestSpeech(Stage):
                                                             self.config), key=lambda u: u.id)
             for i in range(0, len(utterances), n):
                 chunk = utterances[i:i + n]
-                digest = sha256_of([part_digest, [[u.id, u.speaker, u.text, u.audio, list(u.extra)] for u in chunk]])
+                # audio paths relative to the part, so moving download_dir does not make shards stale
+                rows = [[u.id, u.speaker, u.text, u.audio and u.audio.removeprefix(root), list(u.extra)] for u in chunk]
+                digest = sha256_of([part_digest, rows])
                 items.append(ShardInput(f"{part}-{i // n:05d}", digest, (part, chunk)))
         return items
 

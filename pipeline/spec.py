@@ -15,7 +15,6 @@ import yaml
 from pipeline.schemas import schema
 from pipeline.stages import STAGES, Stage
 
-EXECUTION_KEYS = ("kind", "max_failure_share", "max_in_flight", "shard_retries")
 
 
 class SpecError(ValueError):
@@ -140,7 +139,7 @@ def _build_stages(raw: dict) -> tuple[dict[str, StageSpec], list[tuple[str, str]
         config_keys = {f.name for f in fields(cls.Config)}
         config = cls.Config(**{k: v for k, v in data.items() if k in config_keys})
         problems += [(_dotted(["stages", name, *p.path]), p.message) for p in cls.check(config)]
-        execution = Execution(**{k: v for k, v in data.items() if k in EXECUTION_KEYS and k != "kind"})
+        execution = Execution(**{f.name: data[f.name] for f in fields(Execution) if f.name in data})
         stages[name] = StageSpec(name, data["kind"], list(data.get("inputs", [])), cls(name, config), execution)
     return stages, problems
 

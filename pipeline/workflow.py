@@ -63,6 +63,11 @@ class Planner:
     def forget(self, name: str) -> None:
         self._plans.pop(name, None)
 
+    def reread_markers(self, name: str) -> None:
+        """Re-classify a stage's shards after building them; its inputs and fingerprint still hold."""
+        planned = self._plans[name]
+        planned.plan = self.ledger(name).plan({i.shard: i.digest for i in planned.items}, planned.fingerprint)
+
 
 @dataclass
 class StageResult:
@@ -186,7 +191,7 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
         finally:
             if sink:
                 sink.close()
-    planner.forget(name)
+    planner.reread_markers(name)
     result.totals = planner.plan(name).plan.totals()
     result.waiting = waiting
     _write_stage_record(planner, planner.plan(name), running=False, started=started, result=result)

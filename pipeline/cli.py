@@ -61,6 +61,7 @@ def run(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
               f"{result.totals.samples} samples, {result.totals.failures} failed samples"
               + (f" ({reasons})" if reasons else "") + (f"; {result.skipped}" if result.skipped else "")
               + (f"; {result.waiting} shard(s) wait for unbuilt inputs" if result.waiting else "")
+              + (f"\n  {_figures(result.figures)}" if result.figures else "")
               + "".join(f"\n  {error}" for error in result.prepare_errors))
         exit_code = EXIT_WORK_FAILED if failed else exit_code
     raise typer.Exit(exit_code)
@@ -81,10 +82,38 @@ def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         table.add_column(column, justify="right" if column in ("shards", "samples", "failures") else "left")
     for name, s in report["stages"].items():
         reasons = ", ".join(f"{r} ({n})" for r, n in list(s["failure_reasons"].items())[:3])
-        figures = ", ".join(f"{k} {v}" for k, v in s.items() if k not in STANDARD_STATUS_KEYS)
+        figures = _figures({k: v for k, v in s.items() if k not in STANDARD_STATUS_KEYS})
         table.add_row(name, s["state"], f"{s['shards_done']}/{s['shards_total']}", str(s["samples"]),
                       str(s["failures"]), reasons, figures)
     Console().print(table)
+
+
+@app.command()
+def decode(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+           stage: str = typer.Option(..., help="A token stage (tokenize-images)."),
+           key: Optional[str] = typer.Option(None, help="The sample's key (searched in every shard)."),
+           shard: Optional[str] = typer.Option(None, help="Look in this shard only."),
+           row: Optional[int] = typer.Option(None, help="Row index within --shard."),
+           out: str = typer.Option(..., help="Where to write the decoded file (PNG for images).")):
+    """Decode one row of a token shard back to media, with the tokenizer that made it."""
+    from pipeline.roundtrip import RoundTripError, decode_image
+
+    job = _load(job_file)
+    _stage_names(job, stage, "--stage")
+    if (key is None) == (row is None) or (row is not None and shard is None):
+        print("give either --key, or --shard with --row", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        image = decode_image(job, stage, key=key, shard=shard, row=row)
+    except RoundTripError as exc:
+        print(f"decode: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    image.save(out)
+    print(f"{out}: {image.width}x{image.height}")
+
+
+def _figures(figures: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in figures.items())
 
 
 def main() -> None:

@@ -36,6 +36,12 @@ def stage_fingerprint(kind: str, config: dict, version: int, references: dict[st
                       "references": references, "libraries": libraries})
 
 
+def stage_digest(shard_digests: dict[str, str]) -> str:
+    """Digest of a whole stage's outputs from its shards' digests: what a referencing stage
+    (one that uses a tokenizer) puts in its fingerprint."""
+    return sha256_of(dict(sorted(shard_digests.items())))
+
+
 def shard_fingerprint(stage_fp: str, input_digest: str) -> str:
     return sha256_of({"stage": stage_fp, "input": input_digest})
 

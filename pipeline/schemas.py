@@ -12,3 +12,9 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 def schema(name: str) -> dict:
     """A JSON schema by file stem, e.g. schema("job") reads schemas/job.schema.json."""
     return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def arrow_description(name: str) -> dict:
+    """A token shard description by file stem, e.g. "image_tokens" reads schemas/image_tokens.arrow.json."""
+    return json.loads((SCHEMA_DIR / f"{name}.arrow.json").read_text())

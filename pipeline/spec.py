@@ -45,6 +45,11 @@ class StageSpec:
     stage: Stage
     execution: Execution
 
+    @property
+    def depends_on(self) -> list[str]:
+        """Input stages, then referenced stages (e.g. a tokenizer)."""
+        return self.inputs + [r for r in self.stage.references().values() if r not in self.inputs]
+
 
 @dataclass
 class JobSpec:
@@ -59,7 +64,7 @@ class JobSpec:
         """`names` and every stage that depends on them, transitively."""
         found = set(names)
         for spec in self.stages.values():   # dependency order: inputs come first
-            if found & set(spec.inputs):
+            if found & set(spec.depends_on):
                 found.add(spec.name)
         return found
 
@@ -86,15 +91,15 @@ def parse_job(text: str, source: str = "<spec>", base_dir: Path = Path(".")) -> 
     if not isinstance(raw, dict):
         raise SpecError(source, problems, lines)
     invalid = {path.split(".")[1].split("[")[0] for path, _ in problems if path.startswith("stages.")}
-    stages, stage_problems = _build_stages({n: d for n, d in raw.items() if n not in invalid})
+    storage = data.get("storage")
+    if isinstance(storage, str) and "://" not in storage and not Path(storage).is_absolute():
+        storage = str((base_dir / storage).resolve())
+    stages, stage_problems = _build_stages({n: d for n, d in raw.items() if n not in invalid}, storage)
     problems += stage_problems + _reference_problems(raw)
     if problems:
         raise SpecError(source, problems, lines)
-    storage = data["storage"]
-    if "://" not in storage and not Path(storage).is_absolute():
-        storage = str((base_dir / storage).resolve())
     ray = data.get("ray") or {}
-    order = _topological_order({n: s.inputs for n, s in stages.items()})
+    order = _topological_order({n: s.depends_on for n, s in stages.items()})
     return JobSpec(data["name"], storage, ray.get("address"), ray.get("num_cpus"),
                    {n: stages[n] for n in order}, source)
 
@@ -132,7 +137,7 @@ def _known_keys(object_schema: dict) -> list[str]:
     return known
 
 
-def _build_stages(raw: dict) -> tuple[dict[str, StageSpec], list[tuple[str, str]]]:
+def _build_stages(raw: dict, storage: str) -> tuple[dict[str, StageSpec], list[tuple[str, str]]]:
     stages, problems = {}, []
     for name, data in raw.items():
         cls = STAGES[data["kind"]]
@@ -140,25 +145,30 @@ def _build_stages(raw: dict) -> tuple[dict[str, StageSpec], list[tuple[str, str]
         config = cls.Config(**{k: v for k, v in data.items() if k in config_keys})
         problems += [(_dotted(["stages", name, *p.path]), p.message) for p in cls.check(config)]
         execution = Execution(**{f.name: data[f.name] for f in fields(Execution) if f.name in data})
-        stages[name] = StageSpec(name, data["kind"], list(data.get("inputs", [])), cls(name, config), execution)
+        stages[name] = StageSpec(name, data["kind"], list(data.get("inputs", [])), cls(name, config, storage), execution)
     return stages, problems
 
 
 def _reference_problems(raw: dict) -> list[tuple[str, str]]:
-    graph = {n: _references(d) for n, d in raw.items()}
-    problems = [(_dotted(["stages", name, "inputs", i]), f"no stage named {ref!r} (stages: {', '.join(raw)})")
-                for name, refs in graph.items() for i, ref in enumerate(refs) if ref not in raw]
+    located = {n: _references(d) for n, d in raw.items()}
+    problems = [(_dotted(["stages", name, *path]), f"no stage named {ref!r} (stages: {', '.join(raw)})")
+                for name, refs in located.items() for path, ref in refs if ref not in raw]
     if not problems:
-        cycle = _find_cycle(graph)
+        cycle = _find_cycle({n: [ref for _, ref in refs] for n, refs in located.items()})
         if cycle:
             problems.append((_dotted(["stages", cycle[0], "inputs"]), "cycle: " + " -> ".join(cycle)))
     return problems
 
 
-def _references(stage: Any) -> list[str]:
-    """The stage names a stage refers to (malformed values are the schema's to report)."""
-    refs = stage.get("inputs", []) if isinstance(stage, dict) else []
-    return [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
+def _references(stage: Any) -> list[tuple[list, str]]:
+    """(YAML path within the stage, stage name) for every stage a stage refers to: its inputs
+    and its kind's reference keys (malformed values are the schema's to report)."""
+    if not isinstance(stage, dict):
+        return []
+    inputs = stage.get("inputs", [])
+    refs = [(["inputs", i], r) for i, r in enumerate(inputs) if isinstance(r, str)] if isinstance(inputs, list) else []
+    kind = STAGES.get(stage.get("kind")) if isinstance(stage.get("kind"), str) else None
+    return refs + [([key], stage[key]) for key in (kind.reference_keys if kind else ()) if isinstance(stage.get(key), str)]
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:

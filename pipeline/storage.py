@@ -128,6 +128,21 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fetch(urls: list[str], folder: str | Path) -> Path:
+    """Local copies of `urls` (any fsspec URL or path) in `folder`, named by their basenames.
+
+    Meant for content-addressed folders (e.g. named by a checkpoint digest): a file already
+    there is reused, and each copy appears atomically, so concurrent fetches are safe.
+    """
+    folder = Path(folder)
+    for url in urls:
+        dest = folder / url.rstrip("/").rsplit("/", 1)[-1]
+        if not dest.exists():
+            fs, path = fsspec.core.url_to_fs(url)
+            write_atomically(dest, lambda tmp: fs.get_file(path, str(tmp)))
+    return folder
+
+
 def cache_dir() -> Path:
     """This machine's cache of derived data: $TOKENMILL_CACHE or ~/.cache/tokenmill."""
     return Path(os.environ.get("TOKENMILL_CACHE", Path.home() / ".cache" / "tokenmill"))

@@ -6,13 +6,13 @@ import re
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Protocol
 
 from pipeline import executor
 from pipeline.ledger import (Marker, OutputFile, Plan, StageLedger, State, Totals, new_marker, shard_fingerprint,
-                             stage_fingerprint)
+                             stage_digest, stage_fingerprint)
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import ShardInput, Stage, UpstreamShard
 from pipeline.storage import Storage
@@ -46,8 +46,14 @@ class Planner:
         if name not in self._plans:
             spec = self.job.stages[name]
             stage = spec.stage
-            fp = stage_fingerprint(spec.kind, stage.fingerprint_config(), stage.version, {}, stage.libraries())
-            items = stage.inputs({i: self.built_shards(i) for i in spec.inputs})
+            references = {key: self.built_shards(ref) for key, ref in stage.references().items()}
+            ready = all(shards and None not in shards.values() for shards in references.values())
+            digests = {key: stage_digest({s: up.digest for s, up in shards.items()}) if ready else None
+                       for key, shards in references.items()}
+            fp = stage_fingerprint(spec.kind, stage.fingerprint_config(), stage.version, digests, stage.libraries())
+            items = stage.inputs({i: self.built_shards(i) for i in spec.inputs}, references if ready else None)
+            if not ready:   # every shard waits for the referenced stage (a tokenizer) to be built
+                items = [replace(i, digest=None) for i in items]
             plan = self.ledger(name).plan({i.shard: i.digest for i in items}, fp)
             self._plans[name] = StagePlan(spec, fp, items, plan)
         return self._plans[name]
@@ -78,6 +84,7 @@ class StageResult:
     skipped: str = ""          # why the stage did not run at all
     waiting: int = 0           # shards whose input shards are not built (inputs not selected)
     prepare_errors: list[str] = field(default_factory=list)   # e.g. archives that failed to download
+    figures: dict = field(default_factory=dict)                # the stage's own (e.g. a tokenizer's PSNR)
 
     def failed(self, max_failure_share: float) -> bool:
         return (self.failed_shards > 0 or bool(self.skipped) or bool(self.prepare_errors)
@@ -126,7 +133,7 @@ def run(job: JobSpec, *, stages: list[str] | None = None, force: list[str] = (),
     failed: set[str] = set()
     for name in selected:
         spec = job.stages[name]
-        blocked = failed & set(spec.inputs)
+        blocked = failed & set(spec.depends_on)
         if blocked:
             results.append(StageResult(name, skipped=f"input stage {', '.join(sorted(blocked))} failed"))
             failed.add(name)
@@ -158,6 +165,8 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
                 if i.digest is not None and (force or plan.shards[i.shard].state is not State.DONE)]
         waiting = sum(1 for i in planned.items if i.digest is None)
         storage.remove(ledger.rel("_tmp"))   # scratch left by a killed run
+        if force:
+            storage.remove(ledger.rel("checkpoints"))   # a model stage retrains from scratch
         _write_stage_record(planner, planned, running=True, started=started)
         sink = progress(name, len(planned.items), len(planned.items) - len(todo) - waiting) if progress else None
         heartbeat = [time.time()]
@@ -186,13 +195,15 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
             if todo:
                 _connect(planner)
                 executor.run_bounded(build_shard, (stage, storage, planned.fingerprint), todo,
-                                     num_cpus=stage.num_cpus, max_in_flight=spec.execution.max_in_flight,
+                                     **stage.placement(executor.cluster_resources(), len(todo)),
+                                     max_in_flight=spec.execution.max_in_flight,
                                      retries=spec.execution.shard_retries, on_result=on_result, on_error=on_error)
         finally:
             if sink:
                 sink.close()
     planner.reread_markers(name)
     result.totals = planner.plan(name).plan.totals()
+    result.figures = spec.stage.status_figures(planner.plan(name).plan.done_markers())
     result.waiting = waiting
     _write_stage_record(planner, planner.plan(name), running=False, started=started, result=result)
     return result

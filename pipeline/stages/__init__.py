@@ -2,7 +2,10 @@
 from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, Stage, UpstreamShard
 from pipeline.stages.ingest_images import IngestImages
 from pipeline.stages.ingest_speech import IngestSpeech
+from pipeline.stages.tokenize_images import TokenizeImages
+from pipeline.stages.train_image_tokenizer import TrainImageTokenizer
 
-STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (IngestImages, IngestSpeech)}
+STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (IngestImages, IngestSpeech, TrainImageTokenizer,
+                                                            TokenizeImages)}
 
 __all__ = ["STAGES", "ShardInput", "ShardOutput", "SpecProblem", "Stage", "UpstreamShard"]

@@ -51,11 +51,25 @@ class Stage:
     version: ClassVar[int]                 # bump when output semantics change
     Config: ClassVar[type]                 # dataclass of the stage's keys, with defaults
     execution_keys: ClassVar[frozenset[str]] = frozenset()   # keys that change how, not what
+    reference_keys: ClassVar[tuple[str, ...]] = ()           # keys naming stages used whole (tokenizers)
     num_cpus: ClassVar[float] = 1.0
 
-    def __init__(self, name: str, config: Any):
+    def __init__(self, name: str, config: Any, storage_root: str = ""):
         self.name = name
         self.config = config
+        self.storage_root = storage_root   # the job's storage: model stages keep checkpoints there
+
+    def placement(self, cluster: dict[str, float], shards: int) -> dict:
+        """How shards run, as executor options, given the cluster's resources ({"CPU": n, "GPU": m}).
+
+        Default: one Ray task per shard with `num_cpus`. Model-holding stages return
+        {"actors": n, "num_cpus": c, "num_gpus": g} to run on a pool of n actors instead.
+        """
+        return {"num_cpus": self.num_cpus}
+
+    def references(self) -> dict[str, str]:
+        """{key: referenced stage name} for the reference_keys that are set."""
+        return {k: getattr(self.config, k) for k in self.reference_keys if getattr(self.config, k, None)}
 
     @classmethod
     def json_schema(cls) -> dict:
@@ -76,8 +90,10 @@ class Stage:
         """Versions of libraries whose upgrade changes this stage's outputs."""
         return {}
 
-    def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]]) -> list[ShardInput]:
-        """The shards this stage builds, given {input stage: {shard: built shard, or None}}.
+    def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]],
+               references: dict[str, dict[str, UpstreamShard]] | None = None) -> list[ShardInput]:
+        """The shards this stage builds, given {input stage: {shard: built shard, or None}} and
+        {reference key: the referenced stage's built shards} (only passed once all are built).
 
         Default: one output shard per shard of the (single) input stage, same shard id, with
         the input shard's file URLs as payload.

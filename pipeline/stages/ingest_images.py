@@ -76,8 +76,8 @@ class IngestImages(Stage):
     Config = IngestImagesConfig
     execution_keys = frozenset({"thread_count", "timeout", "retries"})
 
-    def __init__(self, name: str, config: IngestImagesConfig):
-        super().__init__(name, config)
+    def __init__(self, name: str, config: IngestImagesConfig, storage_root: str = ""):
+        super().__init__(name, config, storage_root)
         self.url_base: str | None = None   # set while a demo corpus is being served
 
     @classmethod
@@ -105,7 +105,7 @@ class IngestImages(Stage):
             libs["demo-shapes"] = str(SHAPES_VERSION)
         return libs
 
-    def inputs(self, upstream: dict[str, dict[str, str | None]]) -> list[ShardInput]:
+    def inputs(self, upstream: dict, references: dict | None = None) -> list[ShardInput]:
         files = self._files(self.config)
         return [ShardInput(piece.shard, digest, piece)
                 for piece, digest in url_list.cached_slices(files, self.config.samples_per_shard)]

@@ -67,8 +67,8 @@ class IngestSpeech(Stage):
     Config = IngestSpeechConfig
     execution_keys = frozenset({"base_url", "download_dir", "checksums"})   # content enters via digests
 
-    def __init__(self, name: str, config: IngestSpeechConfig):
-        super().__init__(name, config)
+    def __init__(self, name: str, config: IngestSpeechConfig, storage_root: str = ""):
+        super().__init__(name, config, storage_root)
         self.recipe: Recipe = RECIPES[config.corpus]
         self._served: tuple[str, dict[str, str]] | None = None   # (base URL, checksums) of a local corpus
 
@@ -155,7 +155,7 @@ class IngestSpeech(Stage):
             if target.exists() and completed.exists():   # extracted, from an archive whose digest is recorded
                 yield part, str(target), json.loads(completed.read_text())["sha256"] or str(completed)
 
-    def inputs(self, upstream: dict) -> list[ShardInput]:
+    def inputs(self, upstream: dict, references: dict | None = None) -> list[ShardInput]:
         items = []
         n = self.config.samples_per_shard
         for part, root, part_digest in self._parts():

@@ -1,0 +1,148 @@
+"""Read image-text WebDataset shards (img2dataset's layout) as decoded, model-ready samples.
+
+A shard is streamed member by member from any fsspec URL, so memory holds one sample at a time.
+Images go through one transform, `image_array`, shared by training and tokenization: any mode
+(grayscale, CMYK, RGBA, palette) becomes RGB, and an image of another size is center-cropped to
+a square and resized the way img2dataset's center_crop does.
+"""
+from __future__ import annotations
+
+import io
+import json
+import queue
+import tarfile
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ImageSample:
+    """One sample of a shard: the decoded image (uint8 H x W x 3) or why it could not be."""
+    key: str
+    image: np.ndarray | None
+    caption: str
+    meta: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def image_array(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 array (size, size, 3). Raises ValueError if undecodable."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:   # PIL raises a zoo of types for broken files
+        raise ValueError(f"not a decodable image ({type(exc).__name__})") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        canvas = Image.new("RGB", image.size, (255, 255, 255))   # transparent pixels become white
+        canvas.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = canvas
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)   # center crop, then resize
+    return np.asarray(image)
+
+
+def to_tensor(arrays: list[np.ndarray]):
+    """uint8 arrays (H, W, 3) -> float tensor (B, 3, H, W) in [-1, 1]."""
+    import torch
+
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1.0
+
+
+def to_images(batch) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    pixels = ((batch.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in file order."""
+    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        key, parts = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            stem, _, ext = name.partition(".")
+            if stem != key and parts:
+                yield key, parts
+                parts = {}
+            key = stem
+            parts[ext.lower()] = tar.extractfile(member).read()
+        if parts:
+            yield key, parts
+
+
+def iter_samples(url: str, size: int) -> Iterator[ImageSample]:
+    """Decoded samples of one shard; a sample that cannot be decoded carries its error instead."""
+    for key, parts in iter_members(url):
+        meta = _json(parts.get("json"))
+        caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption") or ""
+        data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if data is None:
+            yield ImageSample(key, None, caption, meta, "no image in sample")
+            continue
+        try:
+            yield ImageSample(key, image_array(data, size), caption, meta)
+        except ValueError as exc:
+            yield ImageSample(key, None, caption, meta, str(exc))
+
+
+def is_held_out(key: str, holdout_share: float) -> bool:
+    """Deterministic train / held-out split by key: the same key always lands on the same side."""
+    return zlib.crc32(key.encode()) % 10_000 < holdout_share * 10_000
+
+
+def prefetched(samples: Iterable, depth: int = 256) -> Iterator:
+    """Iterate `samples` with a background thread running ahead by up to `depth` items, so that
+    decoding overlaps the consumer's work (PIL releases the GIL while decoding)."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in samples:
+                if stop.is_set():
+                    return
+                box.put(item)
+        except BaseException as exc:   # re-raised in the consumer
+            box.put(_Raised(exc))
+            return
+        box.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
+    thread.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():   # unblock a producer waiting on a full queue
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+@dataclass
+class _Raised:
+    exc: BaseException
+
+
+def _json(data: bytes | None) -> dict:
+    try:
+        return json.loads(data) if data else {}
+    except ValueError:
+        return {}

@@ -1,0 +1,126 @@
+"""`tokenize-images`: image shards -> Parquet shards of VQ codes, one per image shard, same id.
+
+Shards run on a pool of Ray actors; each loads the tokenizer checkpoint once (on its GPU when it
+has one) and keeps it across shards. Inside a shard a background thread streams and decodes the
+JPEGs while the model encodes full batches. The tokenizer's digest is in this stage's
+fingerprint: a new checkpoint makes every token shard stale, a new image shard adds one.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pipeline.data import token_shards
+from pipeline.data.image_shards import ImageSample, iter_samples, prefetched, to_tensor
+from pipeline.ledger import stage_digest
+from pipeline.stages.base import ShardInput, ShardOutput, Stage, UpstreamShard
+from pipeline.storage import cache_dir, fetch
+from pipeline.tokenizers import image_vq
+
+SCHEMA = "image_tokens"
+FAILED_KEYS_KEPT = 100
+
+
+@dataclass
+class TokenizeImagesConfig:
+    tokenizer: str                       # a train-image-tokenizer stage
+    batch_size: int = 64
+    actors: int | None = None            # default: one per CPU, or one per GPU when the cluster has GPUs
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    prefetch: int = 256                  # decoded images kept ready per actor
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A tokenizer checkpoint: its digest and the URLs of its files."""
+    digest: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenizeWork:
+    tars: tuple[str, ...]
+    tokenizer: Tokenizer | None
+
+
+@lru_cache(maxsize=2)
+def load_tokenizer(tokenizer: Tokenizer, device: str = "cpu") -> image_vq.VQAutoencoder:
+    """The checkpoint as a model in eval mode, fetched once per machine into the cache."""
+    folder = fetch([u for u in tokenizer.files if u.endswith((".safetensors", "config.json"))],
+                   cache_dir() / "image-tokenizers" / tokenizer.digest)
+    return image_vq.load(folder, device=device)
+
+
+def tokenizer_of(shards: dict[str, UpstreamShard]) -> Tokenizer:
+    """The checkpoint a train-image-tokenizer stage built, from its built shards."""
+    return Tokenizer(stage_digest({s: up.digest for s, up in shards.items()}),
+                     tuple(u for up in shards.values() for u in up.files))
+
+
+class TokenizeImages(Stage):
+    kind = "tokenize-images"
+    version = 1
+    Config = TokenizeImagesConfig
+    reference_keys = ("tokenizer",)
+    execution_keys = frozenset({"batch_size", "actors", "gpus_per_actor", "prefetch"})
+
+    def inputs(self, upstream: dict, references: dict | None = None) -> list[ShardInput]:
+        (shards,) = upstream.values()
+        tokenizer = tokenizer_of(references["tokenizer"]) if references else None
+        return [ShardInput(shard, up.digest if up else None,
+                           TokenizeWork(tuple(u for u in up.files if u.endswith(".tar")) if up else (), tokenizer))
+                for shard, up in sorted(shards.items())]
+
+    def placement(self, cluster: dict[str, float], shards: int) -> dict:
+        gpus = self.config.gpus_per_actor if self.config.gpus_per_actor is not None else float(cluster["GPU"] >= 1)
+        fitting = int(cluster["GPU"] // gpus) if gpus else int(cluster["CPU"] // self.num_cpus)
+        actors = self.config.actors or fitting
+        return {"actors": max(1, min(actors, shards)), "num_cpus": self.num_cpus, "num_gpus": gpus}
+
+    def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
+        import torch
+
+        work: TokenizeWork = item.payload
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_tokenizer(work.tokenizer, device)
+        size, grid = model.config.image_size, model.config.grid
+        columns: dict[str, list] = {n: [] for n in token_shards.arrow_schema(SCHEMA).names}
+        failures, failed_keys = Counter(), []
+        batch: list[ImageSample] = []
+
+        def flush():
+            codes = model.encode(to_tensor([s.image for s in batch]).to(device))   # (B, h, w)
+            codes = codes.flatten(1).to(torch.int32).cpu().numpy().astype("uint16")
+            for sample, tokens in zip(batch, codes):
+                columns["key"].append(sample.key)
+                columns["tokens"].append(tokens)
+                columns["shape"].append([grid, grid])
+                columns["text"].append(sample.caption)
+                columns["url"].append(sample.meta.get("url") or "")
+                columns["source_shard"].append(item.shard)
+                columns["source"].append(json.dumps(sample.meta, sort_keys=True))
+            batch.clear()
+
+        for tar in work.tars:
+            for sample in prefetched(iter_samples(tar, size), depth=self.config.prefetch):
+                if sample.image is None:
+                    failures[sample.error] += 1
+                    if len(failed_keys) < FAILED_KEYS_KEPT:
+                        failed_keys.append(sample.key)
+                    continue
+                batch.append(sample)
+                if len(batch) == self.config.batch_size:
+                    flush()
+        if batch:
+            flush()
+        path = token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
+            "kind": "image", "tokenizer": work.tokenizer.digest, "codebook_size": model.config.num_codes,
+            "grid": [grid, grid], "image_size": size, "downsample": model.config.downsample})
+        stats = {"tokens": len(columns["key"]) * grid * grid, **({"failed_keys": failed_keys} if failed_keys else {})}
+        return ShardOutput([path], samples=len(columns["key"]), failures=failures, stats=stats)
+
+    def status_figures(self, markers: list) -> dict:
+        return {"tokens": sum(m.stats.get("tokens", 0) for m in markers)}

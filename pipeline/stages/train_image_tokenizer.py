@@ -36,6 +36,8 @@ class _StageKeys:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0       # > 0: NCCL + bf16 autocast
     eval_images: int = 512             # held-out images evaluated
+    train_shards: int | None = None    # use only the first N input shards (by id): appending shards
+                                       # then leaves the tokenizer, and every token shard, as they are
     max_failures: int = 2              # Ray Train restarts from the latest checkpoint
     pretrained: str | None = None
 
@@ -83,8 +85,8 @@ class TrainImageTokenizer(Stage):
 
     def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]],
                references: dict | None = None) -> list[ShardInput]:
-        built = {(stage, shard): up for stage, shards in sorted(upstream.items())
-                 for shard, up in sorted(shards.items()) if up is not None}
+        listed = [(stage, shard, up) for stage, shards in sorted(upstream.items()) for shard, up in sorted(shards.items())]
+        built = {(stage, shard): up for stage, shard, up in listed[:self.config.train_shards] if up is not None}
         tars = tuple(url for up in built.values() for url in up.files if url.endswith(".tar"))
         data_digest = sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None
         if self.config.pretrained:

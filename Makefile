@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_images.py
+	$(BIN)/python benchmarks/tokenize_images.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,11 +14,10 @@ class RoundTripError(ValueError):
     """The row cannot be found or decoded; the message says why."""
 
 
-def find_row(job: JobSpec, stage: str, *, key: str | None = None, shard: str | None = None,
+def find_row(planner: Planner, stage: str, *, key: str | None = None, shard: str | None = None,
              row: int | None = None) -> tuple[dict, dict]:
     """(row, file metadata) of a built token shard, by key (searching every shard, or `shard`)
     or by `shard` and `row` index."""
-    planner = Planner(job)
     built = {s: up for s, up in planner.built_shards(stage).items() if up is not None}
     if shard is not None:
         if shard not in built:
@@ -40,9 +39,10 @@ def decode_image(job: JobSpec, stage: str, **where) -> Image.Image:
     spec = job.stages.get(stage)
     if spec is None or not isinstance(spec.stage, TokenizeImages):
         raise RoundTripError(f"{stage!r} is not a tokenize-images stage of job {job.name}")
-    found, meta = find_row(job, stage, **where)
+    planner = Planner(job)     # reads each stage's markers once for both lookups
+    found, meta = find_row(planner, stage, **where)
     tokenizer_stage = spec.stage.config.tokenizer
-    shards = Planner(job).built_shards(tokenizer_stage)
+    shards = planner.built_shards(tokenizer_stage)
     if not shards or None in shards.values():
         raise RoundTripError(f"tokenizer stage {tokenizer_stage} is not built")
     tokenizer = tokenizer_of(shards)

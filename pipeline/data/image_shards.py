@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import queue
-import tarfile
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Iterable, Iterator
 import fsspec
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline.data import tar_stream
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -66,18 +67,15 @@ def to_images(batch) -> list[Image.Image]:
 
 def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in file order."""
-    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    with fsspec.open(url, "rb") as raw:
         key, parts = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            stem, _, ext = name.partition(".")
+        for path, data in tar_stream.iter_files(raw):
+            stem, _, ext = path.rsplit("/", 1)[-1].partition(".")
             if stem != key and parts:
                 yield key, parts
                 parts = {}
             key = stem
-            parts[ext.lower()] = tar.extractfile(member).read()
+            parts[ext.lower()] = data
         if parts:
             yield key, parts
 

@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_images.py
 	$(BIN)/python benchmarks/tokenize_images.py
+	$(BIN)/python benchmarks/tokenize_speech.py
 
 clean:
 	rm -rf runs .pytest_cache

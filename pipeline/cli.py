@@ -90,13 +90,13 @@ def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
 
 @app.command()
 def decode(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
-           stage: str = typer.Option(..., help="A token stage (tokenize-images)."),
+           stage: str = typer.Option(..., help="A token stage (tokenize-images or tokenize-speech)."),
            key: Optional[str] = typer.Option(None, help="The sample's key (searched in every shard)."),
            shard: Optional[str] = typer.Option(None, help="Look in this shard only."),
            row: Optional[int] = typer.Option(None, help="Row index within --shard."),
-           out: str = typer.Option(..., help="Where to write the decoded file (PNG for images).")):
-    """Decode one row of a token shard back to media, with the tokenizer that made it."""
-    from pipeline.roundtrip import RoundTripError, decode_image
+           out: str = typer.Option(..., help="Where to write the decoded file (PNG for images, WAV for speech).")):
+    """Decode one row of a token shard back to media, with the tokenizer or codec that made it."""
+    from pipeline.roundtrip import RoundTripError, decode_to_file
 
     job = _load(job_file)
     _stage_names(job, stage, "--stage")
@@ -104,12 +104,11 @@ def decode(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         print("give either --key, or --shard with --row", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE)
     try:
-        image = decode_image(job, stage, key=key, shard=shard, row=row)
+        written = decode_to_file(job, stage, out, key=key, shard=shard, row=row)
     except RoundTripError as exc:
         print(f"decode: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
-    image.save(out)
-    print(f"{out}: {image.width}x{image.height}")
+    print(written)
 
 
 def _figures(figures: dict) -> str:

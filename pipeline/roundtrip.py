@@ -1,12 +1,17 @@
-"""Token rows back to media: find a row of a token stage and decode it with the stage's tokenizer."""
+"""Token rows back to media: find a row of a token stage and decode it with what made it (the image
+tokenizer's checkpoint, the audio codec)."""
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from pipeline.data import token_shards
 from pipeline.data.image_shards import to_images
 from pipeline.spec import JobSpec
+from pipeline.stages import Stage
 from pipeline.stages.tokenize_images import TokenizeImages, load_tokenizer, tokenizer_of
+from pipeline.stages.tokenize_speech import TokenizeSpeech
+from pipeline.tokenizers.audio_codec import codec_digest, load_codec
 from pipeline.workflow import Planner
 
 
@@ -32,16 +37,21 @@ def find_row(planner: Planner, stage: str, *, key: str | None = None, shard: str
     raise RoundTripError(f"no {wanted} in the built shards of stage {stage}")
 
 
+def _token_row(job: JobSpec, stage: str, kind: type[Stage], **where) -> tuple[Stage, Planner, dict, dict]:
+    """(the stage, a planner, row, file metadata) of a row of a `kind` stage (see find_row for `where`)."""
+    spec = job.stages.get(stage)
+    if spec is None or not isinstance(spec.stage, kind):
+        raise RoundTripError(f"{stage!r} is not a {kind.kind} stage of job {job.name}")
+    planner = Planner(job)     # reads each stage's markers once for every lookup
+    return (spec.stage, planner, *find_row(planner, stage, **where))
+
+
 def decode_image(job: JobSpec, stage: str, **where) -> Image.Image:
     """The image a row of a tokenize-images stage decodes to (see find_row for `where`)."""
     import torch
 
-    spec = job.stages.get(stage)
-    if spec is None or not isinstance(spec.stage, TokenizeImages):
-        raise RoundTripError(f"{stage!r} is not a tokenize-images stage of job {job.name}")
-    planner = Planner(job)     # reads each stage's markers once for both lookups
-    found, meta = find_row(planner, stage, **where)
-    tokenizer_stage = spec.stage.config.tokenizer
+    token_stage, planner, found, meta = _token_row(job, stage, TokenizeImages, **where)
+    tokenizer_stage = token_stage.config.tokenizer
     shards = planner.built_shards(tokenizer_stage)
     if not shards or None in shards.values():
         raise RoundTripError(f"tokenizer stage {tokenizer_stage} is not built")
@@ -53,3 +63,35 @@ def decode_image(job: JobSpec, stage: str, **where) -> Image.Image:
     h, w = found["shape"]
     codes = torch.tensor(found["tokens"], dtype=torch.long).reshape(1, h, w)
     return to_images(model.decode(codes))[0]
+
+
+def decode_speech(job: JobSpec, stage: str, **where) -> tuple[np.ndarray, int]:
+    """(waveform float32 (S,), sample rate) a row of a tokenize-speech stage decodes to (see find_row
+    for `where`); S is the utterance's length."""
+    import torch
+
+    token_stage, _, found, meta = _token_row(job, stage, TokenizeSpeech, **where)
+    config = token_stage.config.codec
+    if (meta.get("codec_name"), meta.get("codec")) != (config.name, codec_digest(config)):
+        raise RoundTripError(f"the token shard was made by codec {meta.get('codec_name')} {meta.get('codec')}, not by "
+                             f"the stage's {config.name} {codec_digest(config)} (it is stale): run the job again")
+    codec = load_codec(config)
+    n_q, frames = found["shape"]
+    codes = torch.tensor(found["tokens"], dtype=torch.long).reshape(1, n_q, frames)
+    wav = codec.decode(codes)[0, 0, :round(found["duration"] * codec.sample_rate)]   # (S,): frames * hop, trimmed
+    return wav.numpy(), codec.sample_rate
+
+
+def decode_to_file(job: JobSpec, stage: str, out: str, **where) -> str:
+    """Decode a row into `out`: a 32-bit float WAV for speech tokens, an image (format by extension)
+    for image tokens. Returns what was written, in words."""
+    spec = job.stages.get(stage)
+    if spec is not None and isinstance(spec.stage, TokenizeSpeech):
+        import soundfile as sf
+
+        wav, rate = decode_speech(job, stage, **where)
+        sf.write(out, wav, rate, format="WAV", subtype="FLOAT")
+        return f"{out}: {len(wav) / rate:.2f} s at {rate} Hz"
+    image = decode_image(job, stage, **where)
+    image.save(out)
+    return f"{out}: {image.width}x{image.height}"

@@ -168,6 +168,8 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
         if force:
             storage.remove(ledger.rel("checkpoints"))   # a model stage retrains from scratch
         _write_stage_record(planner, planned, running=True, started=started)
+        for artifact, data in stage.artifacts(planned.items).items():
+            storage.write_bytes(ledger.rel(artifact), data)
         sink = progress(name, len(planned.items), len(planned.items) - len(todo) - waiting) if progress else None
         heartbeat = [time.time()]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.demo import shapes
 from pipeline.demo.server import LocalServer, QuietHandler
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -90,6 +91,22 @@ def write_url_list(path: Path, urls: list[str], **extra_columns) -> Path:
     table = pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))], **extra_columns})
     pq.write_table(table, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def shapes_site(tmp_path_factory):
+    """Base URL of 180 demo shape images served on 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("site")
+    shapes.materialize(180, folder, size=64)
+    with LocalServer(folder / "shapes") as server:
+        yield server.base_url
+
+
+def shapes_url_list(path: Path, site: str, count: int) -> Path:
+    """A URL list of the first `count` demo shapes on `site` (it grows by appending rows)."""
+    rows = shapes.demo_rows(count)
+    return write_url_list(path, [f"{site.rstrip('/')}/{r['index']:06d}.png" for r in rows],
+                          caption=[r["caption"] for r in rows])
 
 
 def write_job(path: Path, storage: Path, stages: str) -> Path:

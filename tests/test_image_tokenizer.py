@@ -19,11 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_url_list
+from conftest import shapes_url_list
 from pipeline.data import token_shards
 from pipeline.data.image_shards import image_array, to_tensor
-from pipeline.demo import shapes
-from pipeline.demo.server import LocalServer
 from pipeline.ledger import StageLedger
 from pipeline.roundtrip import RoundTripError, decode_image
 from pipeline.spec import SpecError, load_job, parse_job
@@ -36,21 +34,10 @@ TINY_VQ = ("image_size: 32, channels: 8, codebook_size: 256, latent_dim: 16, bat
            "shuffle_buffer: 40, eval_images: 32, log_every: 4")
 
 
-@pytest.fixture(scope="module")
-def shapes_site(tmp_path_factory):
-    """Base URL of 180 demo shape images served on 127.0.0.1."""
-    folder = tmp_path_factory.mktemp("site")
-    shapes.materialize(180, folder, size=64)
-    with LocalServer(folder / "shapes") as server:
-        yield server.base_url
-
-
 def write_job(folder: Path, site: str, count: int = 120, steps: int = 12, seed: int = 0,
               checkpoint_every: int = 4) -> Path:
     """A job over the first `count` shapes of the site (a URL list that grows by appending rows)."""
-    rows = shapes.demo_rows(count)
-    write_url_list(folder / "urls.parquet", [f"{site.rstrip('/')}/{r['index']:06d}.png" for r in rows],
-                   caption=[r["caption"] for r in rows])
+    shapes_url_list(folder / "urls.parquet", site, count)
     spec = folder / "job.yaml"
     spec.write_text(f"""
 name: vq-test

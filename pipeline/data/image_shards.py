@@ -8,18 +8,14 @@ a square and resized the way img2dataset's center_crop does.
 from __future__ import annotations
 
 import io
-import json
-import queue
-import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.data import tar_stream
+from pipeline.data.shard_stream import decoded_samples
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -65,82 +61,12 @@ def to_images(batch) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def iter_members(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar, streamed in file order."""
-    with fsspec.open(url, "rb") as raw:
-        key, parts = None, {}
-        for path, data in tar_stream.iter_files(raw):
-            stem, _, ext = path.rsplit("/", 1)[-1].partition(".")
-            if stem != key and parts:
-                yield key, parts
-                parts = {}
-            key = stem
-            parts[ext.lower()] = data
-        if parts:
-            yield key, parts
-
-
 def iter_samples(url: str, size: int) -> Iterator[ImageSample]:
     """Decoded samples of one shard; a sample that cannot be decoded carries its error instead."""
-    for key, parts in iter_members(url):
-        meta = _json(parts.get("json"))
-        caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption") or ""
-        data = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        if data is None:
-            yield ImageSample(key, None, caption, meta, "no image in sample")
-            continue
-        try:
-            yield ImageSample(key, image_array(data, size), caption, meta)
-        except ValueError as exc:
-            yield ImageSample(key, None, caption, meta, str(exc))
+    for fields in decoded_samples(url, IMAGE_EXTENSIONS, lambda data: image_array(data, size), "caption", "image"):
+        yield ImageSample(*fields)
 
 
 def is_held_out(key: str, holdout_share: float) -> bool:
     """Deterministic train / held-out split by key: the same key always lands on the same side."""
     return zlib.crc32(key.encode()) % 10_000 < holdout_share * 10_000
-
-
-def prefetched(samples: Iterable, depth: int = 256) -> Iterator:
-    """Iterate `samples` with a background thread running ahead by up to `depth` items, so that
-    decoding overlaps the consumer's work (PIL releases the GIL while decoding)."""
-    box: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in samples:
-                if stop.is_set():
-                    return
-                box.put(item)
-        except BaseException as exc:   # re-raised in the consumer
-            box.put(_Raised(exc))
-            return
-        box.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
-    thread.start()
-    try:
-        while (item := box.get()) is not done:
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():   # unblock a producer waiting on a full queue
-            try:
-                box.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
-
-
-@dataclass
-class _Raised:
-    exc: BaseException
-
-
-def _json(data: bytes | None) -> dict:
-    try:
-        return json.loads(data) if data else {}
-    except ValueError:
-        return {}

@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+from pipeline.ledger import sha256_of
+
+FAILED_KEYS_KEPT = 100   # per shard marker: enough to find bad samples, small enough to read
+
 
 @dataclass(frozen=True)
 class ShardInput:
@@ -35,6 +39,13 @@ class ShardOutput:
     samples: int
     failures: Counter = field(default_factory=Counter)   # reason -> count
     stats: dict = field(default_factory=dict)
+
+    def fail(self, key: str, reason: str) -> None:
+        """Count a sample that failed; the first FAILED_KEYS_KEPT keys go to stats["failed_keys"]."""
+        self.failures[reason] += 1
+        kept = self.stats.setdefault("failed_keys", [])
+        if len(kept) < FAILED_KEYS_KEPT:
+            kept.append(key)
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,11 @@ class Stage:
         """
         return []
 
+    def artifacts(self, items: list[ShardInput]) -> dict[str, bytes]:
+        """Stage-level files derived from the planned shards (e.g. pack's vocab.json), written by
+        the workflow to `{stage}/{name}` before any shard is built. Default: none."""
+        return {}
+
     def status_figures(self, markers: list) -> dict:
         """Stage-specific totals shown by `status` beside the standard ones (e.g. hours)."""
         return {}
@@ -122,3 +138,26 @@ class Stage:
     def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
         """Build one shard into files under `workdir`; per-sample errors are counted, not raised."""
         raise NotImplementedError
+
+
+class ActorStage(Stage):
+    """A stage whose shards run on a pool of actors holding a model; its Config has `actors`
+    (None: as many as fit) and `gpus_per_actor` (None: 1 when the cluster has GPUs, else 0)."""
+
+    def placement(self, cluster: dict[str, float], shards: int) -> dict:
+        gpus = self.config.gpus_per_actor if self.config.gpus_per_actor is not None else float(cluster["GPU"] >= 1)
+        fitting = int(cluster["GPU"] // gpus) if gpus else int(cluster["CPU"] // self.num_cpus)
+        actors = self.config.actors or fitting
+        return {"actors": max(1, min(actors, shards)), "num_cpus": self.num_cpus, "num_gpus": gpus}
+
+
+def training_input(upstream: dict[str, dict[str, UpstreamShard | None]],
+                   limit: int | None = None) -> tuple[str | None, tuple[str, ...]]:
+    """What a model stage trains on: the built shards among the first `limit` shards (by id) of
+    each input stage (all when None), as (their digest, their tar URLs), so shards appended to any
+    input leave a pinned training set alone. The digest is None while none is built: the stage waits."""
+    listed = [(stage, shard, up) for stage, shards in sorted(upstream.items())
+              for shard, up in sorted(shards.items())[:limit]]
+    built = {(stage, shard): up for stage, shard, up in listed if up is not None}
+    tars = tuple(url for up in built.values() for url in up.files if url.endswith(".tar"))
+    return (sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None), tars

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.data import url_list
+from pipeline.data.speech_shards import decode_audio
 from pipeline.demo.server import LocalServer
 from pipeline.ledger import sha256_of
 from pipeline.recipes import RECIPES, Recipe, Utterance
@@ -65,7 +66,9 @@ class IngestSpeech(Stage):
     kind = "ingest-speech"
     version = 1
     Config = IngestSpeechConfig
-    execution_keys = frozenset({"base_url", "download_dir", "checksums"})   # content enters via digests
+    # content enters via digests; `parts` only says which shards exist ({part}-{n}, each with its
+    # part's digest), so adding a part adds shards and leaves the others fresh
+    execution_keys = frozenset({"base_url", "download_dir", "checksums", "parts"})
 
     def __init__(self, name: str, config: IngestSpeechConfig, storage_root: str = ""):
         super().__init__(name, config, storage_root)
@@ -232,10 +235,8 @@ class SampleError(Exception):
 
 
 def read_audio(source: str, sample_rate: int):
-    """Decode with soundfile (any rate, any channels) → mono float32 tensor resampled to `sample_rate`."""
+    """The audio at `source` (any format, rate, channels) as a mono float32 tensor at `sample_rate`."""
     import fsspec
-    import soundfile as sf
-    import torch
 
     try:
         with fsspec.open(source, "rb") as f:
@@ -247,27 +248,9 @@ def read_audio(source: str, sample_rate: int):
     if not data:
         raise SampleError("empty audio file")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise SampleError(f"corrupt audio ({type(exc).__name__})") from None
-    if rate <= 0:
-        raise SampleError("unreadable sample rate")
-    if samples.shape[0] == 0:
-        raise SampleError("no audio frames")
-    mono = torch.from_numpy(samples.mean(axis=1))
-    return _resampler(rate, sample_rate)(mono) if rate != sample_rate else mono
-
-
-_RESAMPLERS: dict = {}
-
-
-def _resampler(orig: int, new: int):
-    """One torchaudio Resample per rate pair and process: its kernel is computed once."""
-    if (orig, new) not in _RESAMPLERS:
-        import torchaudio
-
-        _RESAMPLERS[orig, new] = torchaudio.transforms.Resample(orig, new)
-    return _RESAMPLERS[orig, new]
+        return decode_audio(data, sample_rate)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
 
 
 def _flac(audio, sample_rate: int) -> bytes:

@@ -8,20 +8,19 @@ fingerprint: a new checkpoint makes every token shard stale, a new image shard a
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from pipeline.data import token_shards
-from pipeline.data.image_shards import ImageSample, iter_samples, prefetched, to_tensor
+from pipeline.data.image_shards import ImageSample, iter_samples, to_tensor
+from pipeline.data.shard_stream import prefetched
 from pipeline.ledger import stage_digest
-from pipeline.stages.base import ShardInput, ShardOutput, Stage, UpstreamShard
+from pipeline.stages.base import ActorStage, ShardInput, ShardOutput, UpstreamShard
 from pipeline.storage import cache_dir, fetch
 from pipeline.tokenizers import image_vq
 
 SCHEMA = "image_tokens"
-FAILED_KEYS_KEPT = 100
 
 
 @dataclass
@@ -60,7 +59,7 @@ def tokenizer_of(shards: dict[str, UpstreamShard]) -> Tokenizer:
                      tuple(u for up in shards.values() for u in up.files))
 
 
-class TokenizeImages(Stage):
+class TokenizeImages(ActorStage):
     kind = "tokenize-images"
     version = 1
     Config = TokenizeImagesConfig
@@ -74,12 +73,6 @@ class TokenizeImages(Stage):
                            TokenizeWork(tuple(u for u in up.files if u.endswith(".tar")) if up else (), tokenizer))
                 for shard, up in sorted(shards.items())]
 
-    def placement(self, cluster: dict[str, float], shards: int) -> dict:
-        gpus = self.config.gpus_per_actor if self.config.gpus_per_actor is not None else float(cluster["GPU"] >= 1)
-        fitting = int(cluster["GPU"] // gpus) if gpus else int(cluster["CPU"] // self.num_cpus)
-        actors = self.config.actors or fitting
-        return {"actors": max(1, min(actors, shards)), "num_cpus": self.num_cpus, "num_gpus": gpus}
-
     def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
         import torch
 
@@ -88,7 +81,7 @@ class TokenizeImages(Stage):
         model = load_tokenizer(work.tokenizer, device)
         size, grid = model.config.image_size, model.config.grid
         columns: dict[str, list] = {n: [] for n in token_shards.arrow_schema(SCHEMA).names}
-        failures, failed_keys = Counter(), []
+        output = ShardOutput([], samples=0)
         batch: list[ImageSample] = []
 
         def flush():
@@ -107,20 +100,19 @@ class TokenizeImages(Stage):
         for tar in work.tars:
             for sample in prefetched(iter_samples(tar, size), depth=self.config.prefetch):
                 if sample.image is None:
-                    failures[sample.error] += 1
-                    if len(failed_keys) < FAILED_KEYS_KEPT:
-                        failed_keys.append(sample.key)
+                    output.fail(sample.key, sample.error)
                     continue
                 batch.append(sample)
                 if len(batch) == self.config.batch_size:
                     flush()
         if batch:
             flush()
-        path = token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
+        output.files.append(token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
             "kind": "image", "tokenizer": work.tokenizer.digest, "codebook_size": model.config.num_codes,
-            "grid": [grid, grid], "image_size": size, "downsample": model.config.downsample})
-        stats = {"tokens": len(columns["key"]) * grid * grid, **({"failed_keys": failed_keys} if failed_keys else {})}
-        return ShardOutput([path], samples=len(columns["key"]), failures=failures, stats=stats)
+            "grid": [grid, grid], "image_size": size, "downsample": model.config.downsample}))
+        output.samples = len(columns["key"])
+        output.stats["tokens"] = output.samples * grid * grid
+        return output
 
     def status_figures(self, markers: list) -> dict:
         return {"tokens": sum(m.stats.get("tokens", 0) for m in markers)}

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from pipeline.data.image_shards import is_held_out, iter_samples
 from pipeline.ledger import sha256_of
-from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, Stage, UpstreamShard
+from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, Stage, UpstreamShard, training_input
 from pipeline.storage import Storage, fetch, file_digest
 from pipeline.tokenizers import image_vq
 from pipeline.tokenizers.image_vq import ConfigError, VQConfig
@@ -85,10 +85,7 @@ class TrainImageTokenizer(Stage):
 
     def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]],
                references: dict | None = None) -> list[ShardInput]:
-        listed = [(stage, shard, up) for stage, shards in sorted(upstream.items()) for shard, up in sorted(shards.items())]
-        built = {(stage, shard): up for stage, shard, up in listed[:self.config.train_shards] if up is not None}
-        tars = tuple(url for up in built.values() for url in up.files if url.endswith(".tar"))
-        data_digest = sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None
+        data_digest, tars = training_input(upstream, self.config.train_shards)
         if self.config.pretrained:
             digest = sha256_of({"checkpoint": _pretrained_digest(self.config.pretrained), "data": data_digest})
             return [ShardInput(SHARD, digest, tars)]

@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data.image_shards import is_held_out, iter_samples, prefetched, to_tensor
+from pipeline.data.image_shards import is_held_out, iter_samples, to_tensor
+from pipeline.data.shard_stream import prefetched
 from pipeline.storage import Storage
 from pipeline.tokenizers import image_vq
 from pipeline.tokenizers.image_vq import VQAutoencoder, VQConfig

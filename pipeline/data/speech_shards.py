@@ -1,0 +1,64 @@
+"""Read speech WebDataset shards (ingest-speech's layout) as decoded mono waveforms.
+
+A shard is streamed sample by sample from any fsspec URL. Audio (`key.flac`, or `key.wav`) goes
+through one decoder, `decode_audio`, shared with ingestion: soundfile reads any rate and channel
+count, channels are averaged to mono, and another rate is resampled with torchaudio.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from pipeline.data.shard_stream import decoded_samples
+
+if TYPE_CHECKING:
+    import torch
+
+AUDIO_EXTENSIONS = ("flac", "wav")
+
+
+@dataclass
+class SpeechSample:
+    """One sample of a shard: the decoded audio (float32 (S,)) or why it could not be."""
+    key: str
+    audio: torch.Tensor | None
+    text: str
+    meta: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def decode_audio(data: bytes, sample_rate: int) -> torch.Tensor:
+    """Encoded audio bytes -> mono float32 tensor (S,) at `sample_rate`. Raises ValueError naming
+    what is wrong."""
+    import soundfile as sf
+    import torch
+
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"corrupt audio ({type(exc).__name__})") from None
+    if rate <= 0:
+        raise ValueError("unreadable sample rate")
+    if samples.shape[0] == 0:
+        raise ValueError("no audio frames")
+    mono = torch.from_numpy(samples.mean(axis=1))
+    return _resampler(rate, sample_rate)(mono) if rate != sample_rate else mono
+
+
+def iter_samples(url: str, sample_rate: int) -> Iterator[SpeechSample]:
+    """Decoded samples of one shard at `sample_rate`; a sample that cannot be decoded carries its error."""
+    for fields in decoded_samples(url, AUDIO_EXTENSIONS, lambda data: decode_audio(data, sample_rate), "text", "audio"):
+        yield SpeechSample(*fields)
+
+
+_RESAMPLERS: dict = {}
+
+
+def _resampler(orig: int, new: int):
+    """One torchaudio Resample per rate pair and process: its kernel is computed once."""
+    if (orig, new) not in _RESAMPLERS:
+        import torchaudio
+
+        _RESAMPLERS[orig, new] = torchaudio.transforms.Resample(orig, new)
+    return _RESAMPLERS[orig, new]

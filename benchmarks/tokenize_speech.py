@@ -86,8 +86,8 @@ def decoded_batches(tars: list[str], codec, limit: int, device: str) -> tuple[li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10)   # less: the ~2 s of actor start and planning weigh more
-    parser.add_argument("--samples-per-shard", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=20)   # less: the ~2 s of actor start and planning weigh more
+    parser.add_argument("--samples-per-shard", type=int, default=16)
     parser.add_argument("--batch-seconds", type=float, default=None, help="stage batch (default: the stage's own)")
     stage_arguments(parser, "/tmp/tokenmill-bench-tokenize-speech", "the corpus and the ingested shards")
     args = parser.parse_args()

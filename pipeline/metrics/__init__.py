@@ -1,0 +1,1 @@
+"""Quality metrics on model outputs: speech distortion, pitch and speaker distances, the TTS score."""

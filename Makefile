@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_images.py
 	$(BIN)/python benchmarks/tokenize_images.py
 	$(BIN)/python benchmarks/tokenize_speech.py
+	$(BIN)/python benchmarks/codec.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -56,20 +57,30 @@ def make_corpus(folder: Path, minutes: float) -> Path:
     return manifest
 
 
-def write_jobs(work: Path, args) -> tuple[Path, Path]:
-    """The ingest-only job (run once as a command) and the whole job; one storage per corpus shape."""
-    stem = work / f"speech-{args.minutes:g}-{args.samples_per_shard}"
+def speech_jobs(work: Path, args, name: str, stages: str) -> tuple[Path, Path]:
+    """The ingest-only job of the corpus (run once as a command) and the whole job, the speech stage
+    and `stages` (YAML lines); one storage per job name and corpus shape."""
+    stem = work / f"{name}-{args.minutes:g}-{args.samples_per_shard}"
     ingest, job = stem.with_name(f"{stem.name}-ingest.yaml"), stem.with_suffix(".yaml")
     manifest = make_corpus(work / f"corpus-{args.minutes:g}", args.minutes)
     head = f"storage: {job.with_suffix('')}-storage\nray: {{address: null}}\nstages:\n"
     speech_stage = (f"  speech: {{kind: ingest-speech, corpus: manifest, manifest: {manifest}, phonemes: false, "
                     f"samples_per_shard: {args.samples_per_shard}}}\n")
     ingest.write_text(f"name: {ingest.stem}\n{head}{speech_stage}")
-    options = "".join(f", {k}: {v}" for k, v in (("batch_seconds", args.batch_seconds), ("actors", args.actors),
-                                                  ("prefetch", args.prefetch)) if v is not None)
-    job.write_text(f"name: {job.stem}\n{head}{speech_stage}  tokens: {{kind: tokenize-speech, inputs: [speech], "
-                   f"codec: {{bandwidth: {BANDWIDTH}, pretrained: false}}{options}}}\n")
+    job.write_text(f"name: {job.stem}\n{head}{speech_stage}{stages}")
     return ingest, job
+
+
+def stage_options(args, *names: str) -> str:
+    """`, key: value` for each of the tokenize-speech options `names` given on the command line."""
+    return "".join(f", {k}: {getattr(args, k)}" for k in names if getattr(args, k) is not None)
+
+
+def write_jobs(work: Path, args) -> tuple[Path, Path]:
+    """The ingest-only job and the whole job: the speech stage and tokens by the seeded EnCodec."""
+    return speech_jobs(work, args, "speech", f"  tokens: {{kind: tokenize-speech, inputs: [speech], codec: "
+                       f"{{bandwidth: {BANDWIDTH}, pretrained: false}}"
+                       f"{stage_options(args, 'batch_seconds', 'actors', 'prefetch')}}}\n")
 
 
 def decoded_batches(tars: list[str], codec, limit: int, device: str) -> tuple[list[torch.Tensor], float]:
@@ -84,36 +95,51 @@ def decoded_batches(tars: list[str], codec, limit: int, device: str) -> tuple[li
     return batches, samples / codec.sample_rate
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=20)   # less: the ~2 s of actor start and planning weigh more
-    parser.add_argument("--samples-per-shard", type=int, default=16)
-    parser.add_argument("--batch-seconds", type=float, default=None, help="stage batch (default: the stage's own)")
-    stage_arguments(parser, "/tmp/tokenmill-bench-tokenize-speech", "the corpus and the ingested shards")
-    args = parser.parse_args()
-    args.work = work_dir(args)
-    ingested, job, tars = ingest_once(*write_jobs(args.work, args), "speech")
-    ray_start = connect(job)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    stage = job.stages["tokens"].stage
-    placement = stage.placement(executor.cluster_resources(), len(tars))
-
-    utterances = ingested["status"]["samples"]
-    codec = load_codec(stage.config.codec, device)
-    limit = stage.batch_samples(device, codec.sample_rate)
+def compare(job, codec, tars: list[str], utterances: int, repeat: int, device: str, what: str, load_note: str) -> None:
+    """The job's `tokens` stage against a bare `codec.encode` loop over the same padded batches, `repeat`
+    times alternating: both figures, the RATIO line and the real-time factors."""
+    limit = job.stages["tokens"].stage.batch_samples(device, codec.sample_rate)
     batches, seconds = decoded_batches(tars, codec, limit, device)
     codec.encode(batches[0])     # warm-up (cuDNN, allocator)
-    print(machine(device, ray_start, placement))
-    print(f"{seconds / 60:.2f} min of audio, {utterances} utterances of 2-15 s in {len(tars)} shards "
-          f"of {args.samples_per_shard}; EnCodec 24 kHz at {BANDWIDTH:g} kbps ({codec.n_q} codebooks); batches of "
-          f"<= {limit / codec.sample_rate:g} s padded ({len(batches)} batches)")
-
-    bare, stage_timings = contest(args.repeat, lambda: bare_loop(codec.encode, batches, device),
+    print(f"{seconds / 60:.2f} min of audio, {utterances} utterances of 2-15 s in {len(tars)} shards; {what} "
+          f"({codec.n_q} codebooks); batches of <= {limit / codec.sample_rate:g} s padded ({len(batches)} batches)")
+    bare, stage_timings = contest(repeat, lambda: bare_loop(codec.encode, batches, device),
                                   lambda: stage_run(job, "tokens", utterances, len(tars)), seconds, "s of audio")
     verdict(bare, stage_timings, seconds, "s of audio", f"codec.encode on padded batches, 1 process, "
-            f"{torch.get_num_threads()} threads", "codec builds included")
+            f"{torch.get_num_threads()} threads", load_note)
     print(f"real-time factor (seconds of work per second of audio): bare loop {bare / seconds:.4f}, "
           f"stage {stage_timings['wall'] / seconds:.4f}")
+
+
+def corpus_arguments(parser: argparse.ArgumentParser, work: str) -> None:
+    """The corpus's options (--minutes, --samples-per-shard), then every stage-vs-bare-loop benchmark's."""
+    parser.add_argument("--minutes", type=float, default=20)   # less: the ~2 s of actor start and planning weigh more
+    parser.add_argument("--samples-per-shard", type=int, default=16)
+    stage_arguments(parser, work, "the corpus and the ingested shards")
+
+
+def ingest_and_connect(args, write: Callable) -> tuple[dict, object, list[str], str]:
+    """Ingest the corpus once (the jobs `write(work, args)` writes), start Ray and print the machine line:
+    the ingest figures, the whole job, the speech tars, the device."""
+    args.work = work_dir(args)
+    ingested, job, tars = ingest_once(*write(args.work, args), "speech")
+    ray_start = connect(job)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(machine(device, ray_start, job.stages["tokens"].stage.placement(executor.cluster_resources(), len(tars))))
+    return ingested, job, tars, device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-seconds", type=float, default=None, help="stage batch (default: the stage's own)")
+    corpus_arguments(parser, "/tmp/tokenmill-bench-tokenize-speech")
+    args = parser.parse_args()
+    ingested, job, tars, device = ingest_and_connect(args, write_jobs)
+    stage = job.stages["tokens"].stage
+
+    codec = load_codec(stage.config.codec, device)
+    compare(job, codec, tars, ingested["status"]["samples"], args.repeat, device,
+            f"EnCodec 24 kHz at {BANDWIDTH:g} kbps", "codec builds included")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from pipeline.data import token_shards
 from pipeline.data.image_shards import to_images
 from pipeline.spec import JobSpec
 from pipeline.stages import Stage
-from pipeline.stages.tokenize_images import TokenizeImages, load_tokenizer, tokenizer_of
+from pipeline.stages.base import checkpoint_of
+from pipeline.stages.tokenize_images import TokenizeImages, load_tokenizer
 from pipeline.stages.tokenize_speech import TokenizeSpeech
+from pipeline.storage import Checkpoint
 from pipeline.tokenizers.audio_codec import codec_digest, load_codec
 from pipeline.workflow import Planner
 
@@ -46,18 +48,22 @@ def _token_row(job: JobSpec, stage: str, kind: type[Stage], **where) -> tuple[St
     return (spec.stage, planner, *find_row(planner, stage, **where))
 
 
+def _built_checkpoint(planner: Planner, stage: str, what: str) -> Checkpoint:
+    """What model stage `stage` built; RoundTripError naming it (as the `what` stage) if it is not built."""
+    shards = planner.built_shards(stage)
+    if not shards or None in shards.values():
+        raise RoundTripError(f"{what} stage {stage} is not built")
+    return checkpoint_of(shards)
+
+
 def decode_image(job: JobSpec, stage: str, **where) -> Image.Image:
     """The image a row of a tokenize-images stage decodes to (see find_row for `where`)."""
     import torch
 
     token_stage, planner, found, meta = _token_row(job, stage, TokenizeImages, **where)
-    tokenizer_stage = token_stage.config.tokenizer
-    shards = planner.built_shards(tokenizer_stage)
-    if not shards or None in shards.values():
-        raise RoundTripError(f"tokenizer stage {tokenizer_stage} is not built")
-    tokenizer = tokenizer_of(shards)
+    tokenizer = _built_checkpoint(planner, token_stage.config.tokenizer, "tokenizer")
     if meta.get("tokenizer") != tokenizer.digest:
-        raise RoundTripError(f"the token shard was made by another checkpoint of {tokenizer_stage} "
+        raise RoundTripError(f"the token shard was made by another checkpoint of {token_stage.config.tokenizer} "
                              "(it is stale): run the job again")
     model = load_tokenizer(tokenizer)
     h, w = found["shape"]
@@ -70,12 +76,16 @@ def decode_speech(job: JobSpec, stage: str, **where) -> tuple[np.ndarray, int]:
     for `where`); S is the utterance's length."""
     import torch
 
-    token_stage, _, found, meta = _token_row(job, stage, TokenizeSpeech, **where)
+    token_stage, planner, found, meta = _token_row(job, stage, TokenizeSpeech, **where)
     config = token_stage.config.codec
-    if (meta.get("codec_name"), meta.get("codec")) != (config.name, codec_digest(config)):
+    trained = None
+    if config.name == "tokenmill":
+        trained = _built_checkpoint(planner, config.stage, "codec")
+    digest = trained.digest if trained else codec_digest(config)
+    if (meta.get("codec_name"), meta.get("codec")) != (config.name, digest):
         raise RoundTripError(f"the token shard was made by codec {meta.get('codec_name')} {meta.get('codec')}, not by "
-                             f"the stage's {config.name} {codec_digest(config)} (it is stale): run the job again")
-    codec = load_codec(config)
+                             f"the stage's {config.name} {digest} (it is stale): run the job again")
+    codec = load_codec(config, trained=trained)
     n_q, frames = found["shape"]
     codes = torch.tensor(found["tokens"], dtype=torch.long).reshape(1, n_q, frames)
     wav = codec.decode(codes)[0, 0, :round(found["duration"] * codec.sample_rate)]   # (S,): frames * hop, trimmed

@@ -96,6 +96,8 @@ def parse_job(text: str, source: str = "<spec>", base_dir: Path = Path(".")) -> 
         storage = str((base_dir / storage).resolve())
     stages, stage_problems = _build_stages({n: d for n, d in raw.items() if n not in invalid}, storage)
     problems += stage_problems + _reference_problems(raw)
+    if not problems:
+        problems = _referenced_stage_problems(stages)
     if problems:
         raise SpecError(source, problems, lines)
     ray = data.get("ray") or {}
@@ -168,7 +170,19 @@ def _references(stage: Any) -> list[tuple[list, str]]:
     inputs = stage.get("inputs", [])
     refs = [(["inputs", i], r) for i, r in enumerate(inputs) if isinstance(r, str)] if isinstance(inputs, list) else []
     kind = STAGES.get(stage.get("kind")) if isinstance(stage.get("kind"), str) else None
-    return refs + [([key], stage[key]) for key in (kind.reference_keys if kind else ()) if isinstance(stage.get(key), str)]
+    for key in kind.reference_keys if kind else ():
+        path, value = key.split("."), stage
+        for part in path:   # "codec.stage": key stage of the mapping under codec
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            refs.append((path, value))
+    return refs
+
+
+def _referenced_stage_problems(stages: dict[str, StageSpec]) -> list[tuple[str, str]]:
+    """What each stage's check_references finds in the stages it references (all of them exist)."""
+    return [(_dotted(["stages", name, *p.path]), p.message) for name, spec in stages.items()
+            for p in spec.stage.check_references({k: stages[r].stage for k, r in spec.stage.references().items()})]
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:

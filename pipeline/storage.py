@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -141,6 +142,20 @@ def fetch(urls: list[str], folder: str | Path) -> Path:
             fs, path = fsspec.core.url_to_fs(url)
             write_atomically(dest, lambda tmp: fs.get_file(path, str(tmp)))
     return folder
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model stage's product as the stages using it see it: the digest that enters their
+    fingerprints, and the URLs of its files."""
+    digest: str
+    files: tuple[str, ...]
+
+    def local(self, kind: str) -> Path:
+        """Its model files (`*.safetensors`, `config.json`), fetched once per machine into the cache
+        folder `kind/digest`."""
+        return fetch([u for u in self.files if u.endswith((".safetensors", "config.json"))],
+                     cache_dir() / kind / self.digest)
 
 
 def cache_dir() -> Path:

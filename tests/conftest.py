@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,3 +116,37 @@ def shapes_url_list(path: Path, site: str, count: int) -> Path:
 def write_job(path: Path, storage: Path, stages: str) -> Path:
     path.write_text(f"name: test\nstorage: {storage}\nstages:\n{stages}")
     return path
+
+
+def assert_resumes_after_kill(spec: Path, stage: str, shard: str, steps: int, every: int, address: str) -> None:
+    """Run model stage `stage` of job `spec` in a driver process, SIGKILL it once Ray Train has recorded
+    a checkpoint (not merely written its files), run it again: it must resume from a checkpoint (a
+    multiple of `every`) and finish all `steps`, its metrics history whole."""
+    from pipeline.ledger import StageLedger
+    from pipeline.spec import load_job
+    from pipeline.storage import Storage
+    from pipeline.workflow import run
+
+    storage = Storage(load_job(spec).storage)
+    checkpoints = Path(storage.path(f"{stage}/checkpoints"))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec), "--stages", stage,
+                             "--address", address], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not _recorded_checkpoint(checkpoints) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(checkpoints.glob("run-*/checkpoint_*")), "no checkpoint before the kill"
+    assert not StageLedger(storage, stage).read_markers(), "killed before any checkpoint? too late?"
+    (result,) = run(load_job(spec), stages=[stage], address=address)
+    assert result.built == 1
+    stats = StageLedger(storage, stage).read_markers()[shard].stats
+    assert stats["steps"] == steps and len(stats["resumed_from"]) >= 1 and stats["resumed_from"][0] % every == 0
+    metrics = Path(storage.path(f"{stage}/shards/metrics.jsonl")).read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == list(range(1, steps + 1))   # history carried by the checkpoint
+
+
+def _recorded_checkpoint(checkpoints: Path) -> bool:
+    """Whether Ray Train's controller has recorded a checkpoint of a run under `checkpoints`."""
+    return any("checkpoint_" in p.read_text() for p in checkpoints.glob("run-*/checkpoint_manager_snapshot.json"))

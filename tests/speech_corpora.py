@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import zipfile
 from pathlib import Path
@@ -19,13 +20,13 @@ def tone(seconds: float, rate: int, freq: float = 220.0, fmt: str = "FLAC") -> b
 
 
 def pack(files: dict[str, bytes], archive: Path) -> str:
-    """Write `files` (member name -> bytes) as a .tar.gz, .tar.bz2 or .zip; returns its sha256."""
+    """Write `files` (member name -> bytes) as a .tar.gz, .tar.bz2, .tar or .zip; returns its sha256."""
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive, "w") as z:
             for name, data in sorted(files.items()):
                 z.writestr(name, data)
     else:
-        mode = "w:bz2" if archive.name.endswith(".bz2") else "w:gz"
+        mode = "w:bz2" if archive.name.endswith(".bz2") else "w" if archive.suffix == ".tar" else "w:gz"
         with tarfile.open(archive, mode) as tar:
             for name, data in sorted(files.items()):
                 info = tarfile.TarInfo(name)
@@ -77,3 +78,29 @@ def vctk_files() -> dict[str, bytes]:
             files[f"wav48_silence_trimmed/{spk}/{uid}_mic2.flac"] = tone(1.0, 48000, 180)
             files[f"txt/{spk}/{uid}.txt"] = f"Please call Stella number {n}.\n".encode()
     return files
+
+
+def bad_speech_shard(path: Path) -> Path:
+    """A speech WebDataset tar (24 kHz, speaker s1) of the ways utterances go wrong, in key order:
+    a-good (1 s tone), b-short (under one frame), c-nan, d-silent, e-corrupt, f-48k (a good 1 s tone
+    at 48 kHz), g-no-audio, h-clipped."""
+    wave = (0.3 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 220)).astype(np.float32)
+    audio = {"a-good": _encoded(wave, 24000), "b-short": _encoded(wave[:300], 24000),
+             "c-nan": _encoded(np.where(np.arange(24000) == 500, np.nan, wave).astype(np.float32), 24000, "WAV"),
+             "d-silent": _encoded(np.zeros(24000, np.float32), 24000), "e-corrupt": b"fLaC not really",
+             "f-48k": _encoded(np.tile(wave, 2), 48000), "g-no-audio": None,
+             "h-clipped": _encoded(np.clip(wave * 10, -1, 1), 24000)}
+    files = {}
+    for key, data in audio.items():
+        files.update({f"{key}.txt": key.encode(), f"{key}.json": json.dumps({"speaker": "s1"}).encode()})
+        if data is not None:
+            files[f"{key}.{'wav' if key == 'c-nan' else 'flac'}"] = data
+    pack(files, path)
+    return path
+
+
+def _encoded(samples: np.ndarray, rate: int, fmt: str = "FLAC") -> bytes:
+    """FLAC (16-bit) or WAV (32-bit float: NaN survives) bytes."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype="FLOAT" if fmt == "WAV" else "PCM_16")
+    return buffer.getvalue()

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shapes_url_list
+from conftest import assert_resumes_after_kill, shapes_url_list
 from pipeline.data import token_shards
 from pipeline.data.image_shards import image_array, to_tensor
-from pipeline.ledger import StageLedger
 from pipeline.roundtrip import RoundTripError, decode_image
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages import ShardInput
-from pipeline.stages.tokenize_images import TokenizeWork, load_tokenizer, tokenizer_of
+from pipeline.stages.base import TokenizeWork, checkpoint_of
+from pipeline.stages.tokenize_images import load_tokenizer
 from pipeline.storage import Storage
 from pipeline.workflow import Planner, run
 
@@ -82,7 +79,7 @@ def test_training_writes_checkpoint_metrics_and_evaluation(trained):
     figures = results["vq"].figures
     assert figures["steps"] == 12 and figures["psnr"] == evaluation["psnr"] and "kind" in figures
     # the checkpoint loads and is the one Ray Train reported last
-    model = load_tokenizer(tokenizer_of(Planner(job).built_shards("vq")))
+    model = load_tokenizer(checkpoint_of(Planner(job).built_shards("vq")))
     assert model.config.image_size == 32 and model.config.num_codes == 256
 
 
@@ -92,7 +89,7 @@ def test_token_shards_follow_the_schema_and_decode_back(trained, tmp_path):
     table = token_table(spec, "00000")
     assert table.schema.equals(token_shards.arrow_schema("image_tokens"), check_metadata=False)
     meta = token_shards.metadata(Storage(job.storage).path("tokens/shards/00000.parquet"))
-    tokenizer = tokenizer_of(Planner(job).built_shards("vq"))
+    tokenizer = checkpoint_of(Planner(job).built_shards("vq"))
     assert meta == {"kind": "image", "tokenizer": tokenizer.digest, "codebook_size": 256, "grid": [4, 4],
                     "image_size": 32, "downsample": 8}
     rows = table.to_pylist()
@@ -164,25 +161,7 @@ stages:
 def test_resume_after_the_driver_is_killed(ray_address, shapes_site, tmp_path):
     spec = write_job(tmp_path, shapes_site, count=60, steps=600, checkpoint_every=20)
     run(load_job(spec), stages=["images"], address=ray_address)
-    job = load_job(spec)
-    checkpoints = Path(Storage(job.storage).path("vq/checkpoints"))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec), "--stages", "vq",
-                             "--address", ray_address], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    # a checkpoint counts once Ray Train's controller has recorded it, not when its files appear
-    while not _recorded_checkpoint(checkpoints) and time.time() < deadline:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(checkpoints.glob("run-*/checkpoint_*")), "no checkpoint before the kill"
-    assert not StageLedger(Storage(job.storage), "vq").read_markers(), "killed before any checkpoint? too late?"
-    (result,) = run(load_job(spec), stages=["vq"], address=ray_address)
-    assert result.built == 1
-    stats = StageLedger(Storage(job.storage), "vq").read_markers()["tokenizer"].stats
-    assert stats["steps"] == 600 and len(stats["resumed_from"]) >= 1 and stats["resumed_from"][0] % 20 == 0
-    metrics = Path(Storage(job.storage).path("vq/shards/metrics.jsonl")).read_text().splitlines()
-    assert [json.loads(m)["step"] for m in metrics] == list(range(1, 601))   # history carried by the checkpoint
+    assert_resumes_after_kill(spec, "vq", "tokenizer", 600, 20, ray_address)
 
 
 def test_bad_images_are_skipped_with_their_keys_or_converted(trained, tmp_path):
@@ -200,7 +179,7 @@ def test_bad_images_are_skipped_with_their_keys_or_converted(trained, tmp_path):
                 info.size = len(payload)
                 out.addfile(info, io.BytesIO(payload))
     stage = job.stages["tokens"].stage
-    work = TokenizeWork((str(tar),), tokenizer_of(Planner(job).built_shards("vq")))
+    work = TokenizeWork((str(tar),), checkpoint_of(Planner(job).built_shards("vq")))
     output = stage.build(ShardInput("bad", "digest", work), tmp_path)
     assert output.samples == 5 and output.stats["failed_keys"] == ["b-corrupt"]
     assert sum(output.failures.values()) == 1 and "not a decodable image" in next(iter(output.failures))
@@ -227,10 +206,6 @@ stages:
     no_inputs = text.replace("inputs: [images], image_size: 36", "image_size: 32").replace("vqq", "vq")
     with pytest.raises(SpecError, match="stages.vq: 'inputs' is a required property"):
         parse_job(no_inputs, "bad.yaml", tmp_path)
-
-
-def _recorded_checkpoint(checkpoints: Path) -> bool:
-    return any("checkpoint_" in p.read_text() for p in checkpoints.glob("run-*/checkpoint_manager_snapshot.json"))
 
 
 def _png(image: Image.Image, kind: str = "PNG") -> bytes:

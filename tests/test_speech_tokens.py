@@ -3,12 +3,10 @@ and frame counts, Parquet token shards, determinism, the decode round trip to WA
 rebuilds, bad utterances, local checkpoints checked by digest, and spec errors."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +15,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from speech_corpora import bad_speech_shard
 from pipeline.data import token_shards
 from pipeline.data.speech_shards import iter_samples
 from pipeline.ledger import StageLedger
 from pipeline.roundtrip import RoundTripError, decode_speech
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages import ShardInput
+from pipeline.stages.base import TokenizeWork
 from pipeline.stages.tokenize_speech import length_batches, padded_batch, windows
 from pipeline.storage import Storage, file_digest
 from pipeline.tokenizers.audio_codec import CodecConfig, checkpoint_file, codec_digest, load_codec
@@ -206,26 +206,12 @@ def test_incremental_new_speech_shard_then_new_bandwidth(built, ray_address):
 
 def test_bad_utterances_are_counted_with_their_keys(tmp_path):
     job = parse_tokens_job("{bandwidth: 3, pretrained: false}", tmp_path)
-    tone = 0.3 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 220).astype(np.float32)
-    samples = {"a-good": _audio(tone, 24000), "b-short": _audio(tone[:300], 24000),
-               "c-nan": _audio(np.where(np.arange(24000) == 500, np.nan, tone).astype(np.float32), 24000, "FLOAT"),
-               "d-silent": _audio(np.zeros(24000, np.float32), 24000), "e-corrupt": b"fLaC not really",
-               "f-48k": _audio(np.tile(tone, 2), 48000), "g-no-audio": None}
-    tar = tmp_path / "bad.tar"
-    with tarfile.open(tar, "w") as out:
-        for key, data in samples.items():
-            members = {f"{key}.txt": key.encode(), f"{key}.json": json.dumps({"speaker": "s1"}).encode()}
-            if data is not None:
-                members[f"{key}.{'wav' if key == 'c-nan' else 'flac'}"] = data
-            for name, payload in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                out.addfile(info, io.BytesIO(payload))
-    output = job.stages["tokens"].stage.build(ShardInput("bad", "digest", (str(tar),)), tmp_path)
+    tar = bad_speech_shard(tmp_path / "bad.tar")
+    output = job.stages["tokens"].stage.build(ShardInput("bad", "digest", TokenizeWork((str(tar),), None)), tmp_path)
     assert output.samples == 2 and output.stats["failed_keys"] == ["b-short", "c-nan", "d-silent", "e-corrupt",
-                                                                   "g-no-audio"]
+                                                                   "g-no-audio", "h-clipped"]
     assert output.failures == {"shorter than one codec frame": 1, "NaN or infinite samples": 1, "silent": 1,
-                               "corrupt audio (LibsndfileError)": 1, "no audio in sample": 1}
+                               "corrupt audio (LibsndfileError)": 1, "no audio in sample": 1, "clipped": 1}
     rows = pq.read_table(output.files[0]).to_pylist()
     assert [(r["key"], r["shape"], r["speaker"]) for r in rows] == [("a-good", [4, 75], "s1"), ("f-48k", [4, 75], "s1")]
 
@@ -250,9 +236,3 @@ stages:
     assert "no such file" in found["stages.c.codec.checkpoint"]
     assert "unknown key" in found["stages.d.codec.levels"]
     assert "'codec' is a required property" in found["stages.e"]
-
-
-def _audio(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format="WAV" if subtype == "FLOAT" else "FLAC", subtype=subtype)
-    return buffer.getvalue()

@@ -8,7 +8,6 @@ a square and resized the way img2dataset's center_crop does.
 from __future__ import annotations
 
 import io
-import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -65,8 +64,3 @@ def iter_samples(url: str, size: int) -> Iterator[ImageSample]:
     """Decoded samples of one shard; a sample that cannot be decoded carries its error instead."""
     for fields in decoded_samples(url, IMAGE_EXTENSIONS, lambda data: image_array(data, size), "caption", "image"):
         yield ImageSample(*fields)
-
-
-def is_held_out(key: str, holdout_share: float) -> bool:
-    """Deterministic train / held-out split by key: the same key always lands on the same side."""
-    return zlib.crc32(key.encode()) % 10_000 < holdout_share * 10_000

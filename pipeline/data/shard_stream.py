@@ -1,11 +1,14 @@
 """What every WebDataset shard reader shares: members grouped into samples, lenient JSON metadata,
-one media member decoded per sample, and a background thread that decodes ahead of the consumer.
+one media member decoded per sample, a background thread that decodes ahead of the consumer, the
+held-out split by key, and endless shuffled training batches over shards.
 """
 from __future__ import annotations
 
 import json
 import queue
+import random
 import threading
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -53,6 +56,43 @@ def decoded_samples(url: str, extensions: tuple[str, ...], decode: Callable[[byt
             yield key, decode(data), text, meta, None
         except ValueError as exc:
             yield key, None, text, meta, str(exc)
+
+
+def is_held_out(key: str, holdout_share: float) -> bool:
+    """Deterministic train / held-out split by key: the same key always lands on the same side."""
+    return zlib.crc32(key.encode()) % 10_000 < holdout_share * 10_000
+
+
+def shuffled_batches(files: list[str], items: Callable[[str], Iterable], collate: Callable[[list], Any], *,
+                     batch_size: int, buffer: int, rng: random.Random, rank: int, world: int,
+                     what: str = "samples") -> Iterator:
+    """Endless training batches of one rank. Each epoch shuffles the shard order and gives every rank
+    its own slice of it; what `items(url)` yields for those shards passes a shuffle buffer of `buffer`
+    items, and `collate` turns each `batch_size` of them into a batch. An epoch smaller than the buffer
+    still trains; one that yields nothing raises ValueError naming `what`."""
+    pool: list = []
+    batch: list = []
+    while True:
+        order = sorted(files)
+        rng.shuffle(order)
+        mine = order[rank::world] if len(order) >= world else order
+        seen = 0
+        for item in (item for url in mine for item in items(url)):
+            seen += 1
+            pool.append(item)
+            if len(pool) < buffer:
+                continue
+            batch.append(pool.pop(rng.randrange(len(pool))))
+            if len(batch) == batch_size:
+                yield collate(batch)
+                batch = []
+        if not seen:
+            raise ValueError(f"no trainable {what} in {len(mine)} shard(s): all unusable or held out")
+        while pool:
+            batch.append(pool.pop(rng.randrange(len(pool))))
+            if len(batch) == batch_size:
+                yield collate(batch)
+                batch = []
 
 
 def prefetched(samples: Iterable, depth: int = 256) -> Iterator:

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     import torch
 
 AUDIO_EXTENSIONS = ("flac", "wav")
+SILENCE = 2.0 ** -15        # a peak below one 16-bit step is silence
+CLIPPED_LEVEL = 0.999       # a sample this close to full scale is clipped...
+CLIPPED_SHARE = 0.01        # ...and an utterance with this share of them is
 
 
 @dataclass
@@ -44,6 +47,22 @@ def decode_audio(data: bytes, sample_rate: int) -> torch.Tensor:
         raise ValueError("no audio frames")
     mono = torch.from_numpy(samples.mean(axis=1))
     return _resampler(rate, sample_rate)(mono) if rate != sample_rate else mono
+
+
+def audio_problem(audio: torch.Tensor, hop_length: int) -> str | None:
+    """Why a decoded waveform (S,) is not fit to train a codec on or to tokenize, or None."""
+    import torch
+
+    if len(audio) < hop_length:
+        return "shorter than one codec frame"
+    if not torch.isfinite(audio).all():
+        return "NaN or infinite samples"
+    peak = audio.abs()
+    if peak.max() < SILENCE:
+        return "silent"
+    if (peak >= CLIPPED_LEVEL).float().mean() >= CLIPPED_SHARE:
+        return "clipped"
+    return None
 
 
 def iter_samples(url: str, sample_rate: int) -> Iterator[SpeechSample]:

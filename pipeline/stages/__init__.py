@@ -5,10 +5,12 @@ from pipeline.stages.ingest_speech import IngestSpeech
 from pipeline.stages.pack import Pack
 from pipeline.stages.tokenize_images import TokenizeImages
 from pipeline.stages.tokenize_speech import TokenizeSpeech
+from pipeline.stages.train_audio_codec import TrainAudioCodec
 from pipeline.stages.train_image_tokenizer import TrainImageTokenizer
 from pipeline.stages.train_text_tokenizer import TrainTextTokenizer
 
 STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (IngestImages, IngestSpeech, TrainImageTokenizer,
-                                                            TokenizeImages, TokenizeSpeech, TrainTextTokenizer, Pack)}
+                                                            TokenizeImages, TrainAudioCodec, TokenizeSpeech,
+                                                            TrainTextTokenizer, Pack)}
 
 __all__ = ["STAGES", "ShardInput", "ShardOutput", "SpecProblem", "Stage", "UpstreamShard"]

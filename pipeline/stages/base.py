@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-from pipeline.ledger import sha256_of
+from pipeline.ledger import sha256_of, stage_digest
+from pipeline.storage import Checkpoint
 
 FAILED_KEYS_KEPT = 100   # per shard marker: enough to find bad samples, small enough to read
 
@@ -62,7 +63,8 @@ class Stage:
     version: ClassVar[int]                 # bump when output semantics change
     Config: ClassVar[type]                 # dataclass of the stage's keys, with defaults
     execution_keys: ClassVar[frozenset[str]] = frozenset()   # keys that change how, not what
-    reference_keys: ClassVar[tuple[str, ...]] = ()           # keys naming stages used whole (tokenizers)
+    reference_keys: ClassVar[tuple[str, ...]] = ()           # keys naming stages used whole (tokenizers);
+                                                             # "a.b": key b of mapping a (codec.stage)
     num_cpus: ClassVar[float] = 1.0
 
     def __init__(self, name: str, config: Any, storage_root: str = ""):
@@ -80,7 +82,14 @@ class Stage:
 
     def references(self) -> dict[str, str]:
         """{key: referenced stage name} for the reference_keys that are set."""
-        return {k: getattr(self.config, k) for k in self.reference_keys if getattr(self.config, k, None)}
+        found = {}
+        for key in self.reference_keys:
+            value = self.config
+            for part in key.split("."):
+                value = getattr(value, part, None)
+            if value:
+                found[key] = value
+        return found
 
     @classmethod
     def json_schema(cls) -> dict:
@@ -91,6 +100,11 @@ class Stage:
     @classmethod
     def check(cls, config: Any) -> list[SpecProblem]:
         """Deeper checks than the JSON schema can express (readable inputs, columns)."""
+        return []
+
+    def check_references(self, referenced: dict[str, "Stage"]) -> list[SpecProblem]:
+        """Checks against the stages this one references, {reference key: stage} (their kind, a
+        codec's levels), made once every reference names a stage."""
         return []
 
     def fingerprint_config(self) -> dict:
@@ -161,3 +175,28 @@ def training_input(upstream: dict[str, dict[str, UpstreamShard | None]],
     built = {(stage, shard): up for stage, shard, up in listed if up is not None}
     tars = tuple(url for up in built.values() for url in up.files if url.endswith(".tar"))
     return (sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None), tars
+
+
+@dataclass(frozen=True)
+class TokenizeWork:
+    """What a shard of a tokenizing stage is built from: the input shard's tars and the checkpoint of
+    the model stage it references (None where it references none, e.g. EnCodec)."""
+    tars: tuple[str, ...]
+    checkpoint: Checkpoint | None
+
+
+def tokenize_inputs(upstream: dict[str, dict[str, UpstreamShard | None]], references: dict | None,
+                    key: str) -> list[ShardInput]:
+    """A tokenizing stage's shards: one per shard of its single input stage, same id, each with a
+    TokenizeWork whose checkpoint is what reference `key` built."""
+    (shards,) = upstream.values()
+    checkpoint = checkpoint_of(references[key]) if references and key in references else None
+    return [ShardInput(shard, up.digest if up else None,
+                       TokenizeWork(tuple(u for u in up.files if u.endswith(".tar")) if up else (), checkpoint))
+            for shard, up in sorted(shards.items())]
+
+
+def checkpoint_of(shards: dict[str, UpstreamShard]) -> Checkpoint:
+    """What a model stage built, from its built shards: the digest of the whole stage and its files."""
+    return Checkpoint(stage_digest({s: up.digest for s, up in shards.items()}),
+                      tuple(u for up in shards.values() for u in up.files))

@@ -15,9 +15,8 @@ from pathlib import Path
 from pipeline.data import token_shards
 from pipeline.data.image_shards import ImageSample, iter_samples, to_tensor
 from pipeline.data.shard_stream import prefetched
-from pipeline.ledger import stage_digest
-from pipeline.stages.base import ActorStage, ShardInput, ShardOutput, UpstreamShard
-from pipeline.storage import cache_dir, fetch
+from pipeline.stages.base import ActorStage, ShardInput, ShardOutput, TokenizeWork, tokenize_inputs
+from pipeline.storage import Checkpoint
 from pipeline.tokenizers import image_vq
 
 SCHEMA = "image_tokens"
@@ -32,31 +31,10 @@ class TokenizeImagesConfig:
     prefetch: int = 256                  # decoded images kept ready per actor
 
 
-@dataclass(frozen=True)
-class Tokenizer:
-    """A tokenizer checkpoint: its digest and the URLs of its files."""
-    digest: str
-    files: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TokenizeWork:
-    tars: tuple[str, ...]
-    tokenizer: Tokenizer | None
-
-
 @lru_cache(maxsize=2)
-def load_tokenizer(tokenizer: Tokenizer, device: str = "cpu") -> image_vq.VQAutoencoder:
+def load_tokenizer(tokenizer: Checkpoint, device: str = "cpu") -> image_vq.VQAutoencoder:
     """The checkpoint as a model in eval mode, fetched once per machine into the cache."""
-    folder = fetch([u for u in tokenizer.files if u.endswith((".safetensors", "config.json"))],
-                   cache_dir() / "image-tokenizers" / tokenizer.digest)
-    return image_vq.load(folder, device=device)
-
-
-def tokenizer_of(shards: dict[str, UpstreamShard]) -> Tokenizer:
-    """The checkpoint a train-image-tokenizer stage built, from its built shards."""
-    return Tokenizer(stage_digest({s: up.digest for s, up in shards.items()}),
-                     tuple(u for up in shards.values() for u in up.files))
+    return image_vq.load(tokenizer.local("image-tokenizers"), device=device)
 
 
 class TokenizeImages(ActorStage):
@@ -67,18 +45,14 @@ class TokenizeImages(ActorStage):
     execution_keys = frozenset({"batch_size", "actors", "gpus_per_actor", "prefetch"})
 
     def inputs(self, upstream: dict, references: dict | None = None) -> list[ShardInput]:
-        (shards,) = upstream.values()
-        tokenizer = tokenizer_of(references["tokenizer"]) if references else None
-        return [ShardInput(shard, up.digest if up else None,
-                           TokenizeWork(tuple(u for u in up.files if u.endswith(".tar")) if up else (), tokenizer))
-                for shard, up in sorted(shards.items())]
+        return tokenize_inputs(upstream, references, "tokenizer")
 
     def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
         import torch
 
         work: TokenizeWork = item.payload
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_tokenizer(work.tokenizer, device)
+        model = load_tokenizer(work.checkpoint, device)
         size, grid = model.config.image_size, model.config.grid
         columns: dict[str, list] = {n: [] for n in token_shards.arrow_schema(SCHEMA).names}
         output = ShardOutput([], samples=0)
@@ -108,7 +82,7 @@ class TokenizeImages(ActorStage):
         if batch:
             flush()
         output.files.append(token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
-            "kind": "image", "tokenizer": work.tokenizer.digest, "codebook_size": model.config.num_codes,
+            "kind": "image", "tokenizer": work.checkpoint.digest, "codebook_size": model.config.num_codes,
             "grid": [grid, grid], "image_size": size, "downsample": model.config.downsample}))
         output.samples = len(columns["key"])
         output.stats["tokens"] = output.samples * grid * grid

@@ -4,11 +4,14 @@ Shards run on a pool of Ray actors; each builds the codec once (on its GPU when 
 keeps it across shards. Inside a shard a background thread streams and decodes the FLAC while the
 codec encodes. Utterances are encoded in batches of similar length: a window of decoded utterances
 is sorted by length and cut into batches of at most `batch_seconds` of padded audio. Each utterance
-is zero-padded to whole frames first; the codec is causal, so its codes do not depend on the padding
-after it (but for float rounding), and they are trimmed to ceil(samples / hop) frames. Rows keep the
-shard's order.
-The codec's name, bandwidth and weights digest are in the fingerprint: another bandwidth or
-checkpoint makes every token shard stale, a new speech shard adds one.
+is zero-padded to whole frames first; both codecs are causal, so its codes do not depend on the
+padding after it (but for float rounding), and they are trimmed to ceil(samples / hop) frames. Rows
+keep the shard's order.
+The codec is EnCodec (`codec: {name: encodec, bandwidth, ...}`) or the one a train-audio-codec stage
+trained (`codec: {name: tokenmill, stage, levels}`: a reference, so that stage's digest enters the
+fingerprint and every shard waits while it is not built). The codec's name, bandwidth or levels and
+weights digest are in the fingerprint: another codec or checkpoint makes every token shard stale, a
+new speech shard adds one.
 """
 from __future__ import annotations
 
@@ -19,20 +22,20 @@ from typing import Callable, Iterable, Iterator
 
 from pipeline.data import token_shards
 from pipeline.data.shard_stream import prefetched
-from pipeline.data.speech_shards import SpeechSample, iter_samples
-from pipeline.stages.base import ActorStage, ShardInput, ShardOutput, SpecProblem
-from pipeline.tokenizers.audio_codec import (AudioCodec, CheckpointError, CodecConfig, checkpoint_file, codec_digest,
-                                              load_codec)
+from pipeline.data.speech_shards import SpeechSample, audio_problem, iter_samples
+from pipeline.stages.base import (ActorStage, ShardInput, ShardOutput, SpecProblem, Stage, TokenizeWork, UpstreamShard,
+                                   tokenize_inputs)
+from pipeline.tokenizers.audio_codec import AudioCodec, CheckpointError, CodecConfig, checkpoint_file, load_codec
 
 SCHEMA = "speech_tokens"
 BATCH_SECONDS = {"cpu": 5.0, "cuda": 600.0}   # CPU convolutions are fastest on cache-sized calls; GPUs want wide ones
 WINDOW_BATCHES = 4                             # utterances sorted by length together: this many batches' worth
-SILENCE = 2.0 ** -15                           # peak below one 16-bit step
 
 
 @dataclass
 class TokenizeSpeechConfig:
-    codec: CodecConfig                     # {name, bandwidth, checkpoint, pretrained}
+    codec: CodecConfig                     # {name: encodec, bandwidth, checkpoint, pretrained}
+                                           # or {name: tokenmill, stage, levels}
     batch_seconds: float | None = None     # padded audio per encoder call (default: BATCH_SECONDS)
     actors: int | None = None              # default: one per CPU, or one per GPU when the cluster has GPUs
     gpus_per_actor: float | None = None    # default: 1 when the cluster has GPUs, else 0
@@ -41,19 +44,6 @@ class TokenizeSpeechConfig:
     def __post_init__(self):
         if isinstance(self.codec, dict):   # from the YAML spec
             self.codec = CodecConfig(**self.codec)
-
-
-def audio_problem(audio, hop_length: int) -> str | None:
-    """Why a decoded waveform (S,) cannot be tokenized, or None."""
-    import torch
-
-    if len(audio) < hop_length:
-        return "shorter than one codec frame"
-    if not torch.isfinite(audio).all():
-        return "NaN or infinite samples"
-    if audio.abs().max() < SILENCE:
-        return "silent"
-    return None
 
 
 def windows(items: Iterable, limit: int, size: Callable = len) -> Iterator[list]:
@@ -104,8 +94,9 @@ def encode_window(codec: AudioCodec, audios: list, limit: int, device: str) -> l
 
 class TokenizeSpeech(ActorStage):
     kind = "tokenize-speech"
-    version = 1
+    version = 2                            # 2: clipped utterances are skipped
     Config = TokenizeSpeechConfig
+    reference_keys = ("codec.stage",)
     execution_keys = frozenset({"batch_seconds", "actors", "gpus_per_actor", "prefetch"})
 
     @classmethod
@@ -121,18 +112,35 @@ class TokenizeSpeech(ActorStage):
                 return [SpecProblem(("codec", "checkpoint"), str(exc))]
         return []
 
+    def check_references(self, referenced: dict[str, Stage]) -> list[SpecProblem]:
+        codec = referenced.get("codec.stage")
+        if codec is None:
+            return []
+        if codec.kind != "train-audio-codec":
+            return [SpecProblem(("codec", "stage"),
+                                f"stage {codec.name!r} is of kind {codec.kind}, not train-audio-codec")]
+        if not codec.config.pretrained and self.config.codec.levels > codec.config.levels:
+            return [SpecProblem(("codec", "levels"), f"{self.config.codec.levels} levels asked, but stage {codec.name} "
+                                                     f"trains {codec.config.levels}")]
+        return []
+
     def fingerprint_config(self) -> dict:
-        codec = {"name": self.config.codec.name, "bandwidth": self.config.codec.bandwidth,
-                 "weights": codec_digest(self.config.codec)}   # not the path: a moved checkpoint stays fresh
-        return {**{k: v for k, v in asdict(self.config).items() if k not in self.execution_keys}, "codec": codec}
+        return {**{k: v for k, v in asdict(self.config).items() if k not in self.execution_keys},
+                "codec": self.config.codec.describe()}
 
     def libraries(self) -> dict[str, str]:
         from importlib.metadata import version
 
+        if self.config.codec.name == "tokenmill":
+            return {"torch": version("torch"), "vector-quantize-pytorch": version("vector-quantize-pytorch")}
         libs = {"encodec": version("encodec")}
         if not self.config.codec.pretrained:
             libs["torch"] = version("torch")   # seeded weights come from torch's random generator
         return libs
+
+    def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]],
+               references: dict | None = None) -> list[ShardInput]:
+        return tokenize_inputs(upstream, references, "codec.stage")   # a tokenmill codec's checkpoint
 
     def batch_samples(self, device: str, sample_rate: int) -> int:
         """Padded samples per encoder call on `device`."""
@@ -142,7 +150,8 @@ class TokenizeSpeech(ActorStage):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        codec = load_codec(self.config.codec, device)
+        work: TokenizeWork = item.payload
+        codec = load_codec(self.config.codec, device, work.checkpoint)
         limit = self.batch_samples(device, codec.sample_rate)
         columns: dict[str, list] = {n: [] for n in token_shards.arrow_schema(SCHEMA).names}
         output = ShardOutput([], samples=0)
@@ -155,8 +164,8 @@ class TokenizeSpeech(ActorStage):
                 else:
                     yield sample
 
-        tars = [url for url in item.payload if url.endswith(".tar")]
-        decoded = (s for tar in tars for s in prefetched(iter_samples(tar, codec.sample_rate), self.config.prefetch))
+        decoded = (s for tar in work.tars
+                   for s in prefetched(iter_samples(tar, codec.sample_rate), self.config.prefetch))
         for window in windows(good(decoded), WINDOW_BATCHES * limit, lambda s: len(s.audio)):
             for sample, codes in zip(window, encode_window(codec, [s.audio for s in window], limit, device)):
                 columns["key"].append(sample.key)
@@ -169,7 +178,7 @@ class TokenizeSpeech(ActorStage):
                 columns["source_shard"].append(item.shard)
                 columns["source"].append(json.dumps(sample.meta, sort_keys=True))
         output.files.append(token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
-            "kind": "audio", "codec": codec.digest, "codec_name": codec.name, "bandwidth": self.config.codec.bandwidth,
+            "kind": "audio", "codec": codec.digest, "codec_name": codec.name, "bandwidth": codec.bandwidth,
             "n_q": codec.n_q, "codebook_size": codec.codebook_size, "frame_rate": codec.frame_rate,
             "sample_rate": codec.sample_rate}))
         output.samples = len(columns["key"])

@@ -1,9 +1,10 @@
 """Neural audio codecs behind one small interface: waveforms (B, 1, S) <-> codes (B, n_q, T).
 
-`load_codec(CodecConfig)` gives an `AudioCodec`. The one codec today is EnCodec's causal 24 kHz
-model (the `encodec` package): 75 frames a second of 320 samples, residual codebooks of 1024 codes
-at 0.75 kbps each, so `bandwidth` 1.5 / 3 / 6 / 12 / 24 kbps means 2 / 4 / 8 / 16 / 32 codebooks.
-Its weights come from
+`load_codec(CodecConfig)` gives an `AudioCodec`; `CODECS` maps each codec name to its loader.
+
+`encodec` is EnCodec's causal 24 kHz model (the `encodec` package): 75 frames a second of 320
+samples, residual codebooks of 1024 codes at 0.75 kbps each, so `bandwidth` 1.5 / 3 / 6 / 12 / 24
+kbps means 2 / 4 / 8 / 16 / 32 codebooks. Its weights come from
 - `checkpoint`: a local file, or a folder holding EnCodec's encodec_24khz-d7cc33bc.th, used offline.
   As torch hub names checkpoints, the hex after the last '-' is the start of the file's sha256;
   a file whose sha256 does not start with it is refused;
@@ -13,6 +14,10 @@ Its weights come from
   first training batch (every frame would be code 0), are seeded deterministically by
   `seed_codebooks` (digest "seeded-v1"). Tokens from such a codec exercise the pipeline and mean
   nothing; its decoder turns them into noise.
+
+`tokenmill` is the codec a `train-audio-codec` stage trained (`stage`), used at its first `levels`
+codebooks; its digest is that stage's output digest, and its files come as a `Checkpoint`. A
+checkpoint with fewer levels than asked is refused, naming both.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.storage import file_digest
+from pipeline.storage import Checkpoint, file_digest
+from pipeline.tokenizers import audio_codec_model
 
 ENCODEC_BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
 ENCODEC_CHECKPOINT = "encodec_24khz-d7cc33bc.th"
@@ -39,17 +45,36 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CodecConfig:
-    bandwidth: float                 # kbps: how many codebooks are used
+    bandwidth: float | None = None   # encodec: kbps, how many codebooks are used
     name: str = "encodec"
-    checkpoint: str | None = None    # local file or folder; None: torch hub's download and cache
-    pretrained: bool = True          # false: seeded weights, for tests and the offline demo
+    checkpoint: str | None = None    # encodec: local file or folder; None: torch hub's download and cache
+    pretrained: bool = True          # encodec: false: seeded weights, for tests and the offline demo
+    stage: str | None = None         # tokenmill: the train-audio-codec stage whose codec is used
+    levels: int | None = None        # tokenmill: codebooks used, the first `levels` it was trained with
 
     def __post_init__(self):
         if self.name not in CODECS:
             raise ValueError(f"CodecConfig.name {self.name!r} is not a codec (known: {', '.join(CODECS)})")
+        if self.name == "tokenmill":
+            if not self.stage or not isinstance(self.levels, int) or self.levels < 1:
+                raise ValueError(f"CodecConfig: the tokenmill codec needs a stage and levels >= 1, "
+                                 f"not {self.stage!r} and {self.levels!r}")
+            if self.bandwidth is not None or self.checkpoint:
+                raise ValueError("CodecConfig: bandwidth and checkpoint are encodec keys; the tokenmill codec "
+                                 "takes stage and levels")
+            return
         if self.bandwidth not in ENCODEC_BANDWIDTHS:
             raise ValueError(f"CodecConfig.bandwidth {self.bandwidth} is not one of {ENCODEC_BANDWIDTHS}")
+        if self.stage or self.levels:
+            raise ValueError("CodecConfig: stage and levels are tokenmill keys; encodec picks codebooks by bandwidth")
         object.__setattr__(self, "bandwidth", float(self.bandwidth))   # 6 and 6.0 fingerprint alike
+
+    def describe(self) -> dict:
+        """What of the codec decides its tokens, for fingerprints: not a checkpoint's path, so a moved
+        checkpoint stays fresh; a tokenmill codec's weights enter as its stage's digest (a reference)."""
+        if self.name == "tokenmill":
+            return {"name": self.name, "levels": self.levels}
+        return {"name": self.name, "bandwidth": self.bandwidth, "weights": codec_digest(self)}
 
 
 class AudioCodec:
@@ -72,6 +97,25 @@ class AudioCodec:
 
     def frames(self, samples: int) -> int:
         return -(-samples // self.hop_length)
+
+    @property
+    def bandwidth(self) -> float:
+        """kbps the codes carry: n_q x log2(codebook_size) bits a frame."""
+        return self.n_q * math.log2(self.codebook_size) * self.frame_rate / 1000
+
+
+class TokenmillCodec(AudioCodec):
+    def __init__(self, model: audio_codec_model.AudioCodecModel, levels: int, digest: str):
+        c = model.config
+        self.model, self.digest, self.name, self.n_q = model, digest, "tokenmill", levels
+        self.sample_rate, self.hop_length, self.frame_rate = c.sample_rate, c.hop_length, c.frame_rate
+        self.codebook_size = c.codebook_size
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(wav, self.n_q)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(codes)
 
 
 class Encodec(AudioCodec):
@@ -127,12 +171,23 @@ def _checkpoint_path(checkpoint: str) -> Path:
 
 
 @lru_cache(maxsize=2)
-def load_codec(config: CodecConfig, device: str = "cpu") -> AudioCodec:
-    """The codec in eval mode on `device`, built once per process."""
-    return CODECS[config.name](config, device)
+def load_codec(config: CodecConfig, device: str = "cpu", trained: Checkpoint | None = None) -> AudioCodec:
+    """The codec in eval mode on `device`, built once per process; `trained` is what the tokenmill
+    codec's stage built (encodec ignores it)."""
+    return CODECS[config.name](config, device, trained)
 
 
-def _load_encodec(config: CodecConfig, device: str) -> Encodec:
+def _load_tokenmill(config: CodecConfig, device: str, trained: Checkpoint | None) -> TokenmillCodec:
+    if trained is None:
+        raise CheckpointError(f"the tokenmill codec needs the checkpoint of stage {config.stage}, which is not built")
+    model = audio_codec_model.load(trained.local("audio-codecs"), device)
+    if config.levels > model.config.levels:
+        raise CheckpointError(f"codec stage {config.stage} refused: levels {config.levels} asked, "
+                              f"but its checkpoint has {model.config.levels} levels")
+    return TokenmillCodec(model, config.levels, trained.digest)
+
+
+def _load_encodec(config: CodecConfig, device: str, trained: Checkpoint | None = None) -> Encodec:
     from encodec import EncodecModel
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -194,4 +249,4 @@ def _seeding_signal(generator: torch.Generator, rate: int, seconds: float = 2.0)
     return (0.3 * loudness * (voicing * voiced / 2 + (1 - voicing) * 0.3 * noise)).view(1, 1, -1)
 
 
-CODECS = {"encodec": _load_encodec}
+CODECS = {"encodec": _load_encodec, "tokenmill": _load_tokenmill}

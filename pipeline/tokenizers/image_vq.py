@@ -11,27 +11,21 @@ loss, exact save/load and the image metrics psnr / ssim.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.tokenizers import model_files
+from pipeline.tokenizers.config_checks import require
+
 QUANTIZERS = ("vq", "fsq", "lfq")
 NORMS = ("group", "layer", "none")
 # FSQ levels per target codebook size (Mentzer et al. 2023, table 1); the product is the real K.
 FSQ_LEVELS = {256: (8, 6, 5), 1024: (8, 5, 5, 5), 4096: (7, 5, 5, 5, 5), 16384: (8, 8, 8, 6, 5)}
-
-
-class ConfigError(ValueError):
-    """A VQConfig field that cannot work; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"VQConfig.{field} {message}")
-        self.field, self.message = field, message
 
 
 @dataclass
@@ -85,9 +79,7 @@ class VQConfig:
         if self.quantizer == "lfq":
             checks.append(("codebook_size", self.codebook_size & (self.codebook_size - 1) == 0,
                            f"lfq needs a power of two, not {self.codebook_size}"))
-        for name, ok, message in checks:
-            if not ok:
-                raise ConfigError(name, message)
+        require("VQConfig", checks)
 
     @property
     def grid(self) -> int:
@@ -291,22 +283,9 @@ def ssim(a, b, window: int = 7) -> torch.Tensor:
 
 def save(model: VQAutoencoder, folder: str | Path) -> Path:
     """Write `model.safetensors` (all weights and buffers, codebook included) and `config.json`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    return folder
+    return model_files.save(model, folder)
 
 
 def load(folder: str | Path, device: str = "cpu") -> VQAutoencoder:
     """The model saved in `folder`, in eval mode; encodes to the very tokens the saved model did."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = VQConfig(**json.loads((folder / "config.json").read_text()))
-    model = VQAutoencoder(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=device))
-    return model.to(device).eval()
+    return model_files.load(VQAutoencoder, VQConfig, folder, device)

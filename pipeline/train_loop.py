@@ -1,0 +1,165 @@
+"""The Ray Train loop every model stage shares; a picklable *task* says what is trained, on what.
+
+`train_loop` is the `train_loop_per_worker` of a `TorchTrainer`: DDP over the workers (gloo on CPU,
+NCCL with bf16 autocast on GPU), each worker drawing its own batches from the task. Every
+`checkpoint_every` steps rank 0 reports a checkpoint (the task's product files, weights and optimizer,
+step, the metrics so far); a restarted run picks up the latest one via `ray.train.get_checkpoint()`.
+Rank 0 flushes metrics.jsonl to storage every `log_every` steps, so progress is visible while it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from pipeline.data.shard_stream import prefetched
+from pipeline.storage import Storage
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"    # {"step": n, "starts": [first step of each attempt]}
+
+
+@dataclass
+class TrainSettings:
+    """The recipe keys every model has; a task's settings subclass it with its own defaults and keys."""
+    steps: int = 1750
+    batch_size: int = 16               # per worker
+    lr: float = 1e-3
+    warmup_steps: int = 90
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    holdout_share: float = 0.1         # keys held out of training for evaluation
+    checkpoint_every: int = 200
+    log_every: int = 20                # metrics.jsonl is flushed to storage this often
+
+
+class TrainTask(Protocol):
+    """What the loop needs of a model; built on the driver, pickled to every worker."""
+    settings: TrainSettings
+
+    def build(self) -> torch.nn.Module:
+        """A freshly initialised model (the loop seeds torch first, so every rank builds the same one)."""
+
+    def batches(self, rank: int, world: int, start_step: int) -> Iterator[torch.Tensor]:
+        """Endless training batches of this rank, seeded by (seed, rank, start_step)."""
+
+    def loss(self, net: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(loss, float stats) of a batch: the forward pass through `net` (DDP-wrapped), the rest on `model`."""
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write the product (model.safetensors + config.json) into `folder`."""
+
+
+@dataclass
+class TrainJob:
+    """A task and where its live metrics go."""
+    task: TrainTask
+    storage_root: str
+    metrics_rel: str                    # metrics.jsonl under the storage root
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    """Linear warmup, then cosine decay to 5% of the peak."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def new_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=s.weight_decay)
+
+
+def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               batch: torch.Tensor, step: int, autocast=contextlib.nullcontext()) -> dict:
+    """One optimizer step (0-based `step` sets the learning rate) on `batch`, the forward pass under
+    `autocast`; the loss's float stats."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, task.settings)
+    with autocast:
+        loss, stats = task.loss(net, model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), task.settings.grad_clip)
+    optimizer.step()
+    return stats
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: train (or resume) config["job"] and report metrics and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    task, s = job.task, job.task.settings
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(s.seed)                      # identical initial weights on every worker
+    model = task.build()
+    optimizer = new_optimizer(model, s)
+    start, history, starts = _restore(model, optimizer)
+    starts.append(start)
+    device = ray.train.torch.get_device()
+    net = ray.train.torch.prepare_model(model)     # to device; DDP when world > 1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    storage = Storage(job.storage_root)
+    batches = prefetched(task.batches(rank, world, start), depth=4)
+    started = time.time()
+    for step in range(start, s.steps):
+        stats = train_step(task, net, model, optimizer, next(batches).to(device, non_blocking=True), step, autocast)
+        history.append({"step": step + 1, "lr": round(learning_rate(step, s), 8), **_rounded(stats),
+                        "seconds": round(time.time() - started, 3)})
+        last = step + 1 == s.steps
+        if rank == 0 and ((step + 1) % s.log_every == 0 or last):
+            storage.write_bytes(job.metrics_rel, _jsonl(history))
+        if (step + 1) % s.checkpoint_every == 0 or last:
+            _report(task, model, optimizer, step + 1, history, starts, rank)
+
+
+def _restore(model: torch.nn.Module, optimizer) -> tuple[int, list[dict], list[int]]:
+    """(first step, metrics so far, earlier attempts' first steps) from the run's latest checkpoint."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, [], []
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        history = [json.loads(line) for line in (Path(folder) / METRICS_FILE).read_text().splitlines() if line]
+        progress = json.loads((Path(folder) / PROGRESS_FILE).read_text())
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return progress["step"], history, progress["starts"]
+
+
+def _report(task: TrainTask, model: torch.nn.Module, optimizer, step: int, history: list[dict], starts: list[int],
+            rank: int) -> None:
+    """Every worker reports (Ray Train syncs on it); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            task.save(model, Path(folder))           # the product, as the stage will copy it out
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(folder) / STATE_FILE)
+            (Path(folder) / METRICS_FILE).write_bytes(_jsonl(history))
+            (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"step": step, "starts": starts}))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(history[-1], checkpoint=checkpoint)
+
+
+def _rounded(stats: dict) -> dict:
+    return {k: round(v, 5) for k, v in stats.items()}
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()

@@ -235,7 +235,7 @@ class AudioCodecModel(nn.Module):
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
         """codes (B, n, T) of the first n <= levels levels -> wav (B, 1, T * hop) clamped to [-1, 1]."""
-        b, n, t = codes.shape
+        n = codes.shape[1]
         if not 1 <= n <= self.config.levels:
             raise ValueError(f"codes of {n} levels; this codec has 1..{self.config.levels}")
         full = F.pad(codes.long(), (0, 0, 0, self.config.levels - n), value=-1)   # -1: a level's code is zero

@@ -18,10 +18,11 @@ from pipeline.schemas import schema
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages import ShardInput
 from pipeline.stages.pack import Pack, PackConfig, PackWork
-from pipeline.stages.train_text_tokenizer import TextTokenizer, load_text_tokenizer, text_tokenizer_of
+from pipeline.stages.train_text_tokenizer import text_tokenizer_of
 from pipeline.tokenizers import image_vq, phoneme_table, text_bpe
 from pipeline.tokenizers import vocab as vocab_module
 from pipeline.tokenizers.phoneme_table import PhonemeTable
+from pipeline.tokenizers.text_tokenizer import TextTokenizer, load_text_tokenizer
 from pipeline.tokenizers.vocab import Vocab
 from pipeline.workflow import Planner, run
 

@@ -13,11 +13,12 @@ from conftest import shapes_url_list, write_job
 from pipeline.demo import shapes, speech
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages import ShardInput
-from pipeline.stages.train_text_tokenizer import (TrainTextTokenizer, TrainTextTokenizerConfig, load_text_tokenizer,
-                                                  read_corpus, text_tokenizer_of)
+from pipeline.stages.train_text_tokenizer import (TrainTextTokenizer, TrainTextTokenizerConfig, read_corpus,
+                                                  text_tokenizer_of)
 from pipeline.storage import Storage
 from pipeline.tokenizers import phoneme_table, text_bpe
 from pipeline.tokenizers.phoneme_table import WORD_BOUNDARY, PhonemeTable
+from pipeline.tokenizers.text_tokenizer import load_text_tokenizer
 from pipeline.workflow import Planner, run
 
 ODD_TEXTS = ["  two  spaces\tand a tab\n", "ünïcödé, 日本語 and 🎉", "\x00\x7f control", "UPPER lower"]

@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 from pipeline.data import packing, token_shards
 from pipeline.ledger import sha256_of
 from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, Stage
-from pipeline.stages.train_text_tokenizer import TextTokenizer, load_text_tokenizer, text_tokenizer_of
+from pipeline.stages.train_text_tokenizer import text_tokenizer_of
+from pipeline.storage import Storage
 from pipeline.tokenizers import vocab as vocab_module
+from pipeline.tokenizers.text_tokenizer import TextTokenizer, load_text_tokenizer
 
 SCHEMA = "packed"
 IMAGE_TASKS, SPEECH_TASKS = ("t2i", "i2t"), ("tts", "asr")
@@ -55,7 +57,7 @@ class PackWork:
 
 class Pack(Stage):
     kind = "pack"
-    version = 1
+    version = 2
     Config = PackConfig
     reference_keys = ("text_tokenizer",)
 
@@ -71,27 +73,26 @@ class Pack(Stage):
         text = text_tokenizer_of(references["text_tokenizer"]) if references else None
         parquet = {stage: {s: next(u for u in up.files if u.endswith(".parquet")) if up else None
                            for s, up in shards.items()} for stage, shards in upstream.items()}
-        vocab = self.vocab(text, parquet) if text else None
+        first = {stage: _first_metadata(urls) for stage, urls in parquet.items()}   # read once per input stage
+        vocab = self.vocab(text, first) if text else None
+        vocab_json = json.dumps(vocab.to_json()) if vocab else None
         items = []
         for stage, shards in sorted(upstream.items()):
             for shard, up in sorted(shards.items()):
                 ready = up is not None and vocab is not None
                 digest = sha256_of([up.digest, vocab.fingerprint]) if ready else None
-                work = PackWork(parquet[stage][shard], _kind_of(parquet[stage]), json.dumps(vocab.to_json()), text) \
-                    if ready else None
+                work = PackWork(parquet[stage][shard], first[stage]["kind"], vocab_json, text) if ready else None
                 items.append(ShardInput(f"{stage}-{shard}", digest, work))
         return items
 
-    def vocab(self, text: TextTokenizer, parquet: dict[str, dict[str, str | None]]) -> vocab_module.Vocab | None:
-        """The vocabulary for the text tokenizer and the input token shards (from one built shard
-        per input stage); None while an input stage has no built shard."""
+    def vocab(self, text: TextTokenizer, first: dict[str, dict | None]) -> vocab_module.Vocab | None:
+        """The vocabulary for the text tokenizer and the input token shards (the metadata of one built
+        shard per input stage); None while an input stage has no built shard."""
         sizes = {"text_size": text.vocab_size, "text_source": text.digest, "phonemes": text.phonemes,
                  "sentinels": self.config.sentinels}
-        for urls in parquet.values():
-            built = sorted(u for u in urls.values() if u)
-            if not built:
+        for meta in first.values():
+            if meta is None:
                 return None
-            meta = token_shards.metadata(built[0])
             if meta["kind"] == "image":
                 sizes.update(image_codes=meta["codebook_size"], image_source=meta["tokenizer"])
             else:
@@ -128,7 +129,7 @@ class Pack(Stage):
                            vocab.special("<pad>"), item.shard)
         path = token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
             "vocab": vocab.to_json(), "vocab_fingerprint": vocab.fingerprint, "seq_len": self.config.seq_len,
-            "tasks": tasks, "seed": self.config.seed})
+            "tasks": tasks, "seed": self.config.seed, "source": _relative(work.token_shard, self.storage_root)})
         used, rows_out = sum(len(d.tokens) for d in documents), len(columns["tokens"])
         stats = {**made.stats, "rows": rows_out, "tokens": used,
                  "fill": round(used / max(1, rows_out * self.config.seq_len), 4),
@@ -141,9 +142,16 @@ class Pack(Stage):
         return {"rows": rows, "fill": round(tokens / max(1, rows * self.config.seq_len), 4)}
 
 
-def _kind_of(urls: dict[str, str | None]) -> str:
+def _relative(url: str, storage_root: str) -> str:
+    """`url` relative to the storage root when it lies under it."""
+    prefix = Storage(storage_root).url("").rstrip("/") + "/"
+    return url[len(prefix):] if url.startswith(prefix) else url
+
+
+def _first_metadata(urls: dict[str, str | None]) -> dict | None:
+    """The file metadata of the first built shard of an input stage (None when none is built)."""
     built = sorted(u for u in urls.values() if u)
-    return token_shards.metadata(built[0])["kind"] if built else ""
+    return token_shards.metadata(built[0]) if built else None
 
 
 class _Documents:

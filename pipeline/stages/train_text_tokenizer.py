@@ -22,6 +22,7 @@ from pipeline.stages.base import ShardInput, ShardOutput, Stage, UpstreamShard, 
 from pipeline.tokenizers import phoneme_table, text_bpe
 from pipeline.tokenizers.phoneme_table import PhonemeTable
 from pipeline.tokenizers.text_bpe import TextBPE
+from pipeline.tokenizers.text_tokenizer import TextTokenizer
 
 SHARD = "tokenizer"
 STATS_FILE = "stats.json"
@@ -44,42 +45,17 @@ class Corpus:
     without_phonemes: int = 0
 
 
-@dataclass(frozen=True)
-class TextTokenizer:
-    """A built train-text-tokenizer stage: its digest, file URLs, and what a vocabulary needs."""
-    digest: str
-    bpe: str                       # tokenizer.json URL
-    phoneme_table: str             # phonemes.json URL
-    vocab_size: int
-    phonemes: tuple[str, ...]      # the phoneme symbols, in id order
-
-
-@dataclass(frozen=True)
-class TextCodec:
-    """A loaded text tokenizer: BPE ids for captions and transcripts, table ids for phonemes."""
-    bpe: TextBPE
-    table: PhonemeTable
-
-    def encode(self, text: str) -> list[int]:
-        return self.bpe.encode(text)
-
-    def encode_phonemes(self, phonemes: str) -> list[int]:
-        """ValueError names a phone the table lacks (phonemes of data it was not built from)."""
-        return self.table.encode(phonemes)
-
-
 def text_tokenizer_of(shards: dict[str, UpstreamShard]) -> TextTokenizer:
     """The tokenizer a train-text-tokenizer stage built, from its built shards (reads phonemes.json
-    and tokenizer.json for the sizes)."""
+    and tokenizer.json for the sizes, once per process and digest)."""
     files = {url.rsplit("/", 1)[-1]: url for up in shards.values() for url in up.files}
-    bpe, table = files[text_bpe.FILE], files[phoneme_table.FILE]
-    return TextTokenizer(stage_digest({s: up.digest for s, up in shards.items()}), bpe, table,
-                         text_bpe.load(bpe).vocab_size, phoneme_table.load(table).symbols)
+    return _text_tokenizer(stage_digest({s: up.digest for s, up in shards.items()}), files[text_bpe.FILE],
+                           files[phoneme_table.FILE])
 
 
-@lru_cache(maxsize=2)
-def load_text_tokenizer(tokenizer: TextTokenizer) -> TextCodec:
-    return TextCodec(text_bpe.load(tokenizer.bpe), phoneme_table.load(tokenizer.phoneme_table))
+@lru_cache(maxsize=8)
+def _text_tokenizer(digest: str, bpe: str, table: str) -> TextTokenizer:
+    return TextTokenizer(digest, bpe, table, text_bpe.load(bpe).vocab_size, phoneme_table.load(table).symbols)
 
 
 def read_corpus(tars: tuple[str, ...]) -> Corpus:

@@ -67,7 +67,7 @@ def plain_training(job, tars: list[str], steps: int, batch: int) -> float:
     batches = prefetched(task.batches(0, 1, 0), depth=4)
     started = time.perf_counter()
     for step in range(steps):
-        train_step(task, model, model, optimizer, next(batches), step)
+        train_step(task, model, model, optimizer, [next(batches)], step)
     return time.perf_counter() - started
 
 

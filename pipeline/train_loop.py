@@ -49,11 +49,13 @@ class TrainTask(Protocol):
     def build(self) -> torch.nn.Module:
         """A freshly initialised model (the loop seeds torch first, so every rank builds the same one)."""
 
-    def batches(self, rank: int, world: int, start_step: int) -> Iterator[torch.Tensor]:
-        """Endless training batches of this rank, seeded by (seed, rank, start_step)."""
+    def batches(self, rank: int, world: int, start_step: int) -> Iterator[torch.Tensor | dict]:
+        """Endless training batches (a tensor or a dict of tensors) of this rank, seeded by (seed, rank,
+        start_step); `grad_accum` of them make a step (micro_batches)."""
 
-    def loss(self, net: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(loss, float stats) of a batch: the forward pass through `net` (DDP-wrapped), the rest on `model`."""
+    def loss(self, net: torch.nn.Module, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        """(loss, float stats) of a batch: the forward pass through `net` (DDP-wrapped), the rest on `model`.
+        A "tokens" stat (tokens in the batch) makes the loop report tokens/s."""
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """Write the product (model.safetensors + config.json) into `folder`."""
@@ -67,6 +69,11 @@ class TrainJob:
     metrics_rel: str                    # metrics.jsonl under the storage root
 
 
+def micro_batches(s: TrainSettings) -> int:
+    """Batches a step accumulates: a recipe's `grad_accum` key (the tokenizers' recipes have none: 1)."""
+    return getattr(s, "grad_accum", 1)
+
+
 def learning_rate(step: int, s: TrainSettings) -> float:
     """Linear warmup, then cosine decay to 5% of the peak."""
     if step < s.warmup_steps:
@@ -75,23 +82,33 @@ def learning_rate(step: int, s: TrainSettings) -> float:
     return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def new_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=s.weight_decay)
+def new_optimizer(model: torch.nn.Module, s: TrainSettings, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or codebooks' 1-d parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.99), fused=fused or None)
 
 
 def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               batch: torch.Tensor, step: int, autocast=contextlib.nullcontext()) -> dict:
-    """One optimizer step (0-based `step` sets the learning rate) on `batch`, the forward pass under
-    `autocast`; the loss's float stats."""
+               micro_batches: list, step: int, autocast=contextlib.nullcontext()) -> dict:
+    """One optimizer step (0-based `step` sets the learning rate) on the gradients of `micro_batches`
+    (averaged; DDP syncs on the last only), forward passes under `autocast`; the stats, averaged
+    ("tokens" summed)."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, task.settings)
-    with autocast:
-        loss, stats = task.loss(net, model, batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    totals: dict[str, list[float]] = {}
+    for i, batch in enumerate(micro_batches):
+        sync = i + 1 == len(micro_batches) or not hasattr(net, "no_sync")
+        with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+            loss, stats = task.loss(net, model, batch)
+        (loss / len(micro_batches)).backward()
+        for k, v in {**stats, "loss": float(loss)}.items():
+            totals.setdefault(k, []).append(v)
     torch.nn.utils.clip_grad_norm_(model.parameters(), task.settings.grad_clip)
     optimizer.step()
-    return stats
+    return {k: sum(v) if k == "tokens" else sum(v) / len(v) for k, v in totals.items()}
 
 
 def train_loop(config: dict) -> None:
@@ -105,24 +122,37 @@ def train_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(s.seed)                      # identical initial weights on every worker
     model = task.build()
-    optimizer = new_optimizer(model, s)
-    start, history, starts = _restore(model, optimizer)
-    starts.append(start)
     device = ray.train.torch.get_device()
     net = ray.train.torch.prepare_model(model)     # to device; DDP when world > 1
+    optimizer = new_optimizer(model, s, fused=device.type == "cuda")
+    start, history, starts = _restore(model, optimizer)
+    starts.append(start)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     storage = Storage(job.storage_root)
     batches = prefetched(task.batches(rank, world, start), depth=4)
     started = time.time()
     for step in range(start, s.steps):
-        stats = train_step(task, net, model, optimizer, next(batches).to(device, non_blocking=True), step, autocast)
-        history.append({"step": step + 1, "lr": round(learning_rate(step, s), 8), **_rounded(stats),
+        began = time.perf_counter()
+        chunk = [_to_device(next(batches), device) for _ in range(micro_batches(s))]
+        waited = time.perf_counter() - began
+        stats = train_step(task, net, model, optimizer, chunk, step, autocast)
+        took = time.perf_counter() - began
+        timing = {"step_seconds": took, "data_wait": waited / took}
+        if "tokens" in stats:                      # every rank trains on as many tokens, about
+            timing["tokens_per_s"] = stats.pop("tokens") * world / took
+        history.append({"step": step + 1, "lr": round(learning_rate(step, s), 8), **_rounded({**stats, **timing}),
                         "seconds": round(time.time() - started, 3)})
         last = step + 1 == s.steps
         if rank == 0 and ((step + 1) % s.log_every == 0 or last):
             storage.write_bytes(job.metrics_rel, _jsonl(history))
         if (step + 1) % s.checkpoint_every == 0 or last:
             _report(task, model, optimizer, step + 1, history, starts, rank)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
 
 
 def _restore(model: torch.nn.Module, optimizer) -> tuple[int, list[dict], list[int]]:

@@ -165,16 +165,17 @@ class ActorStage(Stage):
         return {"actors": max(1, min(actors, shards)), "num_cpus": self.num_cpus, "num_gpus": gpus}
 
 
-def training_input(upstream: dict[str, dict[str, UpstreamShard | None]],
-                   limit: int | None = None) -> tuple[str | None, tuple[str, ...]]:
+def training_input(upstream: dict[str, dict[str, UpstreamShard | None]], limit: int | None = None,
+                   suffix: str = ".tar") -> tuple[str | None, tuple[str, ...]]:
     """What a model stage trains on: the built shards among the first `limit` shards (by id) of
-    each input stage (all when None), as (their digest, their tar URLs), so shards appended to any
-    input leave a pinned training set alone. The digest is None while none is built: the stage waits."""
+    each input stage (all when None), as (their digest, their file URLs ending in `suffix`), so shards
+    appended to any input leave a pinned training set alone. The digest is None while none is built:
+    the stage waits."""
     listed = [(stage, shard, up) for stage, shards in sorted(upstream.items())
               for shard, up in sorted(shards.items())[:limit]]
     built = {(stage, shard): up for stage, shard, up in listed if up is not None}
-    tars = tuple(url for up in built.values() for url in up.files if url.endswith(".tar"))
-    return (sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None), tars
+    files = tuple(url for up in built.values() for url in up.files if url.endswith(suffix))
+    return (sha256_of([[*key, up.digest] for key, up in built.items()]) if built else None), files
 
 
 @dataclass(frozen=True)

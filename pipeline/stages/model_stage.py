@@ -52,22 +52,23 @@ class ModelStage(Stage):
     ModelConfig: ClassVar[type]                   # raises ConfigError naming a field
     Settings: ClassVar[type[TrainSettings]]
     figures: ClassVar[tuple[str, ...]]            # stats that run and status show, besides "steps"
+    input_suffix: ClassVar[str] = ".tar"          # the input files it trains on
     train_figures: ClassVar[tuple[str, ...]] = ()  # last step's metrics kept in stats as train_<name>
     evaluation_keys: ClassVar[tuple[str, ...]] = ()   # own keys that evaluation reads (kept with pretrained)
     pinned_keys: ClassVar[tuple[str, ...]] = ()   # model keys a pretrained checkpoint must match
     execution_keys = frozenset({"checkpoint_every", "log_every", "cpus_per_worker", "max_failures"})
     num_cpus = 0.0          # the shard task only drives Ray Train; its workers claim the CPUs
 
-    def task(self, files: list[str]) -> TrainTask:
-        """The train_loop task training on the tar URLs `files`."""
+    def task(self, payload: Any) -> TrainTask:
+        """The train_loop task training on the payload of the shard (`inputs`): input file URLs."""
         raise NotImplementedError
 
     def load(self, folder: Path) -> Any:
         """The model saved in `folder` (CHECKPOINT_FILES), in eval mode; it has a `.config`."""
         raise NotImplementedError
 
-    def evaluate(self, model: Any, tars: tuple[str, ...], out: Path, output: ShardOutput) -> None:
-        """Evaluate on the held-out samples of `tars`: files written to `out` join output.files, figures
+    def evaluate(self, model: Any, payload: Any, out: Path, output: ShardOutput) -> None:
+        """Evaluate on the held-out samples of the payload's files: files written to `out` join output.files, figures
         output.stats, and the samples evaluated and failed output.samples and output.failures."""
         raise NotImplementedError
 
@@ -100,11 +101,11 @@ class ModelStage(Stage):
 
     def inputs(self, upstream: dict[str, dict[str, UpstreamShard | None]],
                references: dict | None = None) -> list[ShardInput]:
-        data_digest, tars = training_input(upstream, self.config.train_shards)
+        data_digest, files = training_input(upstream, self.config.train_shards, self.input_suffix)
         if self.config.pretrained:
             digest = sha256_of({"checkpoint": _pretrained_digest(self.config.pretrained), "data": data_digest})
-            return [ShardInput(self.shard, digest, tars)]
-        return [ShardInput(self.shard, data_digest, tars)]
+            return [ShardInput(self.shard, digest, files)]
+        return [ShardInput(self.shard, data_digest, files)]
 
     def build(self, item: ShardInput, workdir: Path) -> ShardOutput:
         out = workdir / "out"
@@ -138,7 +139,8 @@ class ModelStage(Stage):
 
         c = self.config
         storage = Storage(self.storage_root)
-        job = TrainJob(self.task(sorted(item.payload)), storage.root, f"{self.name}/{METRICS_FILE}")
+        job = TrainJob(self.task(item.payload), storage.root, f"{self.name}/{METRICS_FILE}")
+        _check_resources(self.name, c)
         run_name = "run-" + sha256_of({"config": self.fingerprint_config(), "input": item.digest})[:16]
         trainer = TorchTrainer(
             train_loop, train_loop_config={"job": job},
@@ -161,6 +163,17 @@ class ModelStage(Stage):
     def status_figures(self, markers: list) -> dict:
         stats = markers[0].stats if markers else {}
         return {k: stats[k] for k in ("steps",) + self.figures if k in stats}
+
+
+def _check_resources(stage: str, c) -> None:
+    """Refuse, naming both, a Ray Train request the cluster cannot ever hold (Ray would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    for resource, each in (("CPU", c.cpus_per_worker), ("GPU", c.gpus_per_worker)):
+        if each and c.workers * each > total.get(resource, 0):
+            raise ValueError(f"stage {stage} requests {c.workers} workers x {each:g} {resource} = "
+                             f"{c.workers * each:g} {resource}; the cluster has {total.get(resource, 0):g} {resource}")
 
 
 def _pretrained_digest(location: str) -> str:

@@ -60,7 +60,7 @@ class TrainAudioCodec(ModelStage):
     pinned_keys = ("sample_rate", "levels")
 
     def task(self, files: list[str]) -> CodecTask:
-        return CodecTask(self.model_config, self.settings, files)
+        return CodecTask(self.model_config, self.settings, sorted(files))
 
     def load(self, folder: Path) -> AudioCodecModel:
         return audio_codec_model.load(folder)

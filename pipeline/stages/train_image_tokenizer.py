@@ -42,7 +42,7 @@ class TrainImageTokenizer(ModelStage):
     evaluation_keys = ("eval_images",)
 
     def task(self, files: list[str]) -> VQTask:
-        return VQTask(self.model_config, self.settings, files)
+        return VQTask(self.model_config, self.settings, sorted(files))
 
     def load(self, folder: Path) -> VQAutoencoder:
         return image_vq.load(folder)

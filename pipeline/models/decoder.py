@@ -1,0 +1,127 @@
+"""The CM3Leon-style decoder: one causal transformer over the unified vocabulary.
+
+Training rows are packed documents (pipeline.data.packing). Given `doc_ids`, each document attends
+only to itself and its rotary positions restart at 0, so a document gets the same logits whether it
+is packed or alone. Generation feeds new tokens through a KVCache (pipeline.models.sampling).
+
+Shapes: B batch, T new positions, V vocab_size, C d_model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.models.layers import Block, KVCache, RMSNorm, TransformerConfig, document_mask, init_weights, rotary
+from pipeline.tokenizers.config_checks import require
+
+
+def transformer_checks(c) -> list[tuple[str, bool, str]]:
+    """The field checks shared by every config that builds a layers.TransformerConfig."""
+    heads_ok = c.n_head > 0 and c.d_model > 0 and c.d_model % c.n_head == 0
+    return [
+        ("vocab_size", c.vocab_size >= 0, f"must be >= 0 (0: set later from the vocabulary), not {c.vocab_size}"),
+        ("n_head", c.n_head > 0, f"must be positive, not {c.n_head}"),
+        ("d_model", heads_ok, f"must be a positive multiple of n_head={c.n_head}, not {c.d_model}"),
+        ("d_model", heads_ok and (c.d_model // c.n_head) % 2 == 0,
+         f"/ n_head must be an even head size for rotary positions, not {c.d_model} / {c.n_head}"),
+        ("mlp_ratio", c.mlp_ratio > 0, f"must be positive, not {c.mlp_ratio}"),
+        ("dropout", 0 <= c.dropout < 1, f"must be in [0, 1), not {c.dropout}"),
+        ("rope_base", c.rope_base > 1, f"must be > 1, not {c.rope_base}"),
+    ]
+
+
+def require_vocab_size(owner: str, vocab_size: int) -> None:
+    require(owner, [("vocab_size", vocab_size > 0, "must be set to the vocabulary's size (Vocab.size), not 0")])
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 0                 # Vocab.size; 0 until set from the vocabulary
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    mlp_ratio: float = 8 / 3
+    dropout: float = 0.0
+    tie_embeddings: bool = True         # the lm head is the embedding table
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        require("DecoderConfig", [("n_layer", self.n_layer > 0, f"must be positive, not {self.n_layer}"),
+                                  *transformer_checks(self)])
+
+    @property
+    def transformer(self) -> TransformerConfig:
+        return TransformerConfig(self.d_model, self.n_head, self.mlp_ratio, self.dropout, self.rope_base)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) index of each position within its document (a run of equal ids in doc_ids (B, T))."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def causal_inputs(tokens: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask (1, 1, T, past + T) and positions (B, T) for tokens (B, T) that follow the cache's
+    `past` positions: each sees every cached position and the new ones up to itself."""
+    B, T = tokens.shape
+    past = 0 if cache is None else cache.length
+    mask = torch.ones(T, past + T, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+    return mask[None, None], torch.arange(past, past + T, device=tokens.device).expand(B, T)
+
+
+def init_residual_projections(blocks: nn.ModuleList) -> None:
+    """nanoGPT's scaled init: the n projections that add into the residual stream get std
+    0.02 / sqrt(n), so the stream's variance does not grow with depth (n = 2 * layers here)."""
+    outputs = [m for name, m in blocks.named_modules() if name.endswith((".proj", ".down"))]
+    for module in outputs:
+        nn.init.normal_(module.weight, std=0.02 / math.sqrt(len(outputs)))
+
+
+def lm_head(embed: nn.Embedding, tie: bool) -> nn.Linear:
+    """C -> V logits; with `tie` its weight is the embedding table itself."""
+    head = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
+    if tie:
+        head.weight = embed.weight
+    return head
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        require_vocab_size("DecoderConfig", config.vocab_size)
+        self.config, c = config, config.transformer
+        self.embed = nn.Embedding(config.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(config.n_layer))
+        self.norm = RMSNorm(c.d_model)
+        self.head = lm_head(self.embed, config.tie_embeddings)
+        self.apply(init_weights)
+        init_residual_projections(self.blocks)
+
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens (B, T).
+
+        doc_ids None: each row is one document. doc_ids (B, T) (-1: padding): each position sees
+        only its own document, positions restart at each document. cache: tokens follow the
+        cached positions (and are added to the cache); doc_ids cannot be combined with it."""
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids cannot be used with a cache: a cache continues one document a row")
+            mask, default_positions = document_mask(doc_ids), document_positions(doc_ids)
+        else:
+            mask, default_positions = causal_inputs(tokens, cache)
+        positions = default_positions if positions is None else positions
+        rope = rotary(positions, self.config.transformer.head_size, self.config.rope_base)
+        x = self.drop(self.embed(tokens))                       # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, rope, cache, layer)
+        return self.head(self.norm(x))                          # (B, T, V)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)

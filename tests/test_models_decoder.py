@@ -1,0 +1,265 @@
+"""The token models on tiny configs: Decoder (packing masks, KV cache), sampling, Parti."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import parti as parti_module
+from pipeline.models.decoder import Decoder, DecoderConfig, document_positions
+from pipeline.models.parti import Parti, PartiConfig, collate, generate_image, training_loss
+from pipeline.models.sampling import generate, guide, sample_loop, sample_next
+from pipeline.tokenizers import vocab as vocab_module
+from pipeline.tokenizers.config_checks import ConfigError
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return vocab_module.build(text_size=50, image_codes=16, phonemes=("a", "b"), audio_codebooks=2,
+                              audio_codebook_size=8)
+
+
+def tiny_decoder(vocab, **overrides) -> Decoder:
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(**{"vocab_size": vocab.size, "n_layer": 2, "n_head": 2, "d_model": 32,
+                                    **overrides})).eval()
+
+
+def tiny_parti(vocab, **overrides) -> Parti:
+    torch.manual_seed(0)
+    return Parti(PartiConfig(**{"vocab_size": vocab.size, "encoder_layers": 2, "decoder_layers": 2, "n_head": 2,
+                                "d_model": 32, **overrides})).eval()
+
+
+def tokens(vocab, *shape, seed=1) -> torch.Tensor:
+    return torch.randint(0, vocab.size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- Decoder ------------------------------------------------------------------------------------
+
+def test_decoder_shapes_backward_and_tied_head(vocab):
+    model = tiny_decoder(vocab).train()
+    x = tokens(vocab, 2, 7)
+    logits = model(x)
+    assert logits.shape == (2, 7, vocab.size)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.head.weight is model.embed.weight
+    untied = tiny_decoder(vocab, tie_embeddings=False)
+    assert untied.head.weight is not untied.embed.weight
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    assert n_params(untied) - n_params(model) == vocab.size * 32
+    # residual projections: std 0.02 / sqrt(2 * n_layer), the rest 0.02
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
+    assert model.blocks[1].attn.q.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_kv_cache_matches_full_forward(vocab):
+    model = tiny_decoder(vocab)
+    x = tokens(vocab, 2, 10)
+    full = model(x)
+    cache = model.new_cache()
+    pieces = [model(x[:, :5], cache=cache), model(x[:, 5:7], cache=cache)]    # prompt, then a chunk of 2...
+    pieces += [model(x[:, t:t + 1], cache=cache) for t in range(7, 10)]       # ...then one token at a time
+    assert cache.length == 10
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_document_positions_restart_at_each_document():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [3, 3, 3, 3, 3, 3]])
+    assert document_positions(doc_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_packed_documents_do_not_see_each_other(vocab):
+    model = tiny_decoder(vocab)
+    row = tokens(vocab, 1, 15)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3])
+    packed = model(row, doc_ids)
+    other = row.clone()
+    other[0, :5] = tokens(vocab, 5, seed=2)                                    # document 0 changes...
+    changed = model(other, doc_ids)
+    assert not torch.allclose(changed[:, :5], packed[:, :5])
+    torch.testing.assert_close(changed[:, 5:12], packed[:, 5:12], atol=1e-6, rtol=0)   # ...document 1 does not
+    alone = model(row[:, 5:12])                                                # document 1 in a row of its own
+    torch.testing.assert_close(packed[:, 5:12], alone, atol=1e-5, rtol=0)
+    padding = model(row, torch.full_like(doc_ids, -1))
+    assert torch.isfinite(padding).all() and torch.isfinite(packed).all()
+
+
+def test_doc_ids_with_a_cache_is_refused(vocab):
+    model = tiny_decoder(vocab)
+    with pytest.raises(ValueError, match="doc_ids"):
+        model(tokens(vocab, 1, 3), torch.zeros(1, 3, dtype=torch.long), cache=model.new_cache())
+
+
+def test_bad_configs_name_the_field(vocab):
+    cases = [(DecoderConfig, dict(d_model=100, n_head=3), "d_model"), (DecoderConfig, dict(d_model=96, n_head=32), "d_model"),
+             (DecoderConfig, dict(n_layer=0), "n_layer"), (DecoderConfig, dict(dropout=1.0), "dropout"),
+             (DecoderConfig, dict(n_head=0), "n_head"), (PartiConfig, dict(encoder_layers=0), "encoder_layers"),
+             (PartiConfig, dict(mlp_ratio=0), "mlp_ratio")]
+    for config, fields, name in cases:
+        with pytest.raises(ConfigError) as error:
+            config(**fields)
+        assert error.value.field == name, (fields, error.value)
+    for model, config in ((Decoder, DecoderConfig()), (Parti, PartiConfig())):
+        with pytest.raises(ConfigError, match="vocab_size") as error:
+            model(config)
+        assert error.value.field == "vocab_size"
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def naive_greedy(model, prompt, n, uncond=None, scale=1.0):
+    """Greedy decoding by re-running the whole sequence for every token (no cache)."""
+    seq, useq = prompt, uncond
+    for _ in range(n):
+        logits = model(seq)[:, -1]
+        if uncond is not None:
+            logits = guide(logits, model(useq)[:, -1], scale)
+        token = logits.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, token], 1)
+        useq = None if uncond is None else torch.cat([useq, token], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+def test_generate_greedy_equals_uncached_greedy(vocab):
+    model, prompt = tiny_decoder(vocab), tokens(vocab, 2, 4)
+    out = generate(model, prompt, 6, temperature=0)
+    assert out.shape == (2, 6)
+    assert torch.equal(out, naive_greedy(model, prompt, 6))
+    assert torch.equal(out, generate(model, prompt, 6, temperature=0))
+    assert generate(model, prompt, 0).shape == (2, 0)
+
+
+def test_generate_samples_only_the_allowed_range(vocab):
+    model, image = tiny_decoder(vocab), vocab.range("image")
+    allowed = (image.offset, image.offset + image.size)
+    out = generate(model, tokens(vocab, 3, 4), 20, allowed=allowed, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 20)
+    assert ((out >= allowed[0]) & (out < allowed[1])).all()
+    assert len(out.unique()) > 1                                              # sampled, not constant
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(vocab):
+    model, prompt = tiny_decoder(vocab), tokens(vocab, 2, 4)
+    greedy = generate(model, prompt, 8, temperature=0)
+    assert torch.equal(generate(model, prompt, 8, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(generate(model, prompt, 8, top_p=1e-6, generator=torch.Generator().manual_seed(4)), greedy)
+
+
+def test_sample_next_keeps_to_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).expand(500, 5)
+    picked = sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)                      # ~0.66, 0.24, 0.09, ...: top_p 0.8 keeps the first two
+    assert probs[0] < 0.8 <= probs[:2].sum()
+    picked = sample_next(logits, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}
+    assert sample_next(logits, temperature=0).eq(0).all()
+
+
+def scripted(rows: list[list[int]], vocab_size: int = 10):
+    """A Step that emits rows[b][i] as its i-th token (one-hot logits), recording the shapes fed."""
+    fed = []
+
+    def step(new):
+        fed.append(tuple(new.shape))
+        i = len(fed) - 1
+        return F.one_hot(torch.tensor([row[i] for row in rows]), vocab_size).float() * 10
+    return step, fed
+
+
+def test_stop_pads_finished_rows_and_ends_when_all_stopped():
+    stop = 9
+    step, fed = scripted([[3, 5, stop, 7, 7], [4, stop, 2, 2, 2]])
+    out = sample_loop(step, torch.zeros(2, 4, dtype=torch.long), 5, stop=stop, temperature=0)
+    assert out.tolist() == [[3, 5, stop], [4, stop, stop]]
+    assert fed == [(2, 4), (2, 1), (2, 1)]                     # the prompt once, then one token per step
+    step, _ = scripted([[3, 5, 6, 7], [4, stop, 2, 2]])
+    out = sample_loop(step, torch.zeros(2, 1, dtype=torch.long), 4, stop=stop, temperature=0)
+    assert out.tolist() == [[3, 5, 6, 7], [4, stop, stop, stop]]
+
+
+def test_classifier_free_guidance(vocab):
+    cond, uncond = torch.randn(3, 7), torch.randn(3, 7)
+    assert torch.allclose(guide(cond, uncond, 1.0), cond) and torch.equal(guide(cond, uncond, 0.0), uncond)
+    assert torch.allclose(guide(cond, uncond, 3.0), 3 * cond - 2 * uncond, atol=1e-6)
+    model, prompt, empty = tiny_decoder(vocab, tie_embeddings=False), tokens(vocab, 2, 5), tokens(vocab, 2, 2, seed=7)
+    plain = generate(model, prompt, 6, temperature=0)
+    assert torch.equal(generate(model, prompt, 6, temperature=0, cfg_scale=1.0, uncond_prompt=empty), plain)
+    guided = generate(model, prompt, 6, temperature=0, cfg_scale=3.0, uncond_prompt=empty)
+    assert torch.equal(guided, naive_greedy(model, prompt, 6, uncond=empty, scale=3.0))
+    unconditional = generate(model, prompt, 6, temperature=0, cfg_scale=0.0, uncond_prompt=empty)
+    assert torch.equal(unconditional, generate(model, empty, 6, temperature=0))     # scale 0: the uncond stream alone
+    assert not torch.equal(unconditional, plain)
+
+
+# ---- Parti --------------------------------------------------------------------------------------
+
+def t2i_docs():
+    return [{"text": np.array([3, 9, 4]), "image": np.arange(6) % 16},
+            {"text": np.array([10, 11, 12, 13, 14, 15]), "image": np.array([15, 1, 2, 3])}]
+
+
+def test_collate_layout(vocab):
+    batch = collate(vocab, t2i_docs())
+    bos, boi, eoi, pad = (vocab.special(t) for t in ("<bos>", "<boi>", "<eoi>", "<pad>"))
+    text0, image0 = vocab.range("text").offset, vocab.range("image").offset
+    assert batch["text"][0].tolist() == [bos, text0 + 3, text0 + 9, text0 + 4, pad, pad, pad]
+    assert batch["text_mask"].sum(1).tolist() == [4, 7]
+    assert batch["image_in"][1].tolist() == [boi, image0 + 15, image0 + 1, image0 + 2, image0 + 3, pad, pad]
+    assert batch["targets"][1].tolist() == [image0 + 15, image0 + 1, image0 + 2, image0 + 3, eoi, -100, -100]
+    assert batch["targets"][0, -1].item() == eoi and batch["image_in"].shape == (2, 7)
+    dropped = collate(vocab, t2i_docs(), caption_dropout=1.0, rng=np.random.default_rng(0))
+    assert dropped["text"].tolist() == [[bos], [bos]] and dropped["text_mask"].all()
+
+
+def test_parti_forward_backward_and_loss(vocab):
+    model, batch = tiny_parti(vocab).train(), collate(vocab, t2i_docs())
+    assert model(batch["text"], batch["text_mask"], batch["image_in"]).shape == (2, 7, vocab.size)
+    loss, stats = training_loss(model, batch)
+    loss.backward()
+    assert stats == {"loss_t2i": pytest.approx(loss.item())}
+    assert abs(loss.item() - math.log(vocab.size)) < 1.0                     # near uniform at init
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.head.weight is model.embed.weight
+
+
+def test_parti_text_padding_is_masked(vocab):
+    model, docs = tiny_parti(vocab), t2i_docs()
+    batch, alone = collate(vocab, docs), collate(vocab, docs[:1])             # doc 0 padded vs not
+    assert batch["text"].shape[1] > alone["text"].shape[1]
+    padded = model(batch["text"], batch["text_mask"], batch["image_in"])[:1, :7]
+    single = model(alone["text"], alone["text_mask"], alone["image_in"])
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=0)
+    garbage = batch["text"].masked_fill(~batch["text_mask"], 5)              # what padding holds does not matter
+    torch.testing.assert_close(model(garbage, batch["text_mask"], batch["image_in"])[:1], padded, atol=1e-6, rtol=0)
+
+
+def test_parti_kv_cache_matches_full_forward(vocab):
+    model, batch = tiny_parti(vocab), collate(vocab, t2i_docs())
+    text, mask, image_in = batch["text"], batch["text_mask"], batch["image_in"]
+    full = model(text, mask, image_in)
+    memory, cache = model.encode(text, mask), model.new_cache()
+    pieces = [model(text, mask, image_in[:, :3], cache=cache, memory=memory)]
+    pieces += [model(text, mask, image_in[:, t:t + 1], cache=cache, memory=memory) for t in range(3, 7)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_generate_image(vocab):
+    model = tiny_parti(vocab)
+    codes = generate_image(model, vocab, [3, 9, 4], 12, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (12,) and ((codes >= 0) & (codes < 16)).all()
+    greedy = generate_image(model, vocab, [3, 9, 4], 12, temperature=0)
+    assert torch.equal(greedy, generate_image(model, vocab, [3, 9, 4], 12, temperature=0))
+    guided = generate_image(model, vocab, [3, 9, 4], 12, cfg_scale=3.0, top_k=4,
+                            generator=torch.Generator().manual_seed(0))
+    assert guided.shape == (12,) and ((guided >= 0) & (guided < 16)).all()
+    # the first guided greedy code is the argmax over the image range of u + 3 (c - u)
+    boi = torch.tensor([[vocab.special("<boi>")]])
+    cond_text, empty_text = parti_module.caption(vocab, [3, 9, 4])[None], parti_module.caption(vocab, [])[None]
+    logit = lambda text: model(text, torch.ones_like(text, dtype=torch.bool), boi)[0, -1]
+    image = vocab.range("image")
+    expected = guide(logit(cond_text), logit(empty_text), 3.0)[image.offset:image.offset + image.size].argmax()
+    assert generate_image(model, vocab, [3, 9, 4], 1, temperature=0, cfg_scale=3.0).item() == expected.item()

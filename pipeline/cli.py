@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -109,6 +110,47 @@ def decode(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         print(f"decode: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
     print(written)
+
+
+@app.command()
+def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+           stage: str = typer.Option(..., help="A built train stage."),
+           task: str = typer.Option(..., help="t2i (caption -> PNG), tts (text + prompt WAV -> WAV) or i2t (image -> caption)."),
+           text: Optional[str] = typer.Option(None, help="t2i: the caption; tts: what to say."),
+           prompt_audio: Optional[str] = typer.Option(None, help="tts: a WAV/FLAC of the voice (its first 3 s)."),
+           image: Optional[str] = typer.Option(None, help="i2t: an image file."),
+           out: str = typer.Option("samples", help="Folder for the PNGs / WAVs."),
+           count: int = typer.Option(1, min=1, help="Samples to draw."),
+           temperature: float = typer.Option(1.0, min=0.0), top_k: int = typer.Option(0, min=0),
+           top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+           cfg_scale: float = typer.Option(3.0, min=0.0, help="t2i classifier-free guidance (1: none)."),
+           seed: int = typer.Option(0)):
+    """Sample a trained token model: captions to images, text to speech, images to captions."""
+    from pipeline.models.samplers import TASKS, SamplingError, SamplingSettings
+    from pipeline.sample import SampleError, Sampler
+
+    needs = {"t2i": ("--text", text), "tts": ("--text", text), "i2t": ("--image", image)}
+    if task not in TASKS or needs[task][1] is None or (task == "tts" and prompt_audio is None):
+        print(f"--task must be one of {', '.join(TASKS)}; t2i needs --text, tts --text and --prompt-audio, "
+              "i2t --image", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    job = _load(job_file)
+    _stage_names(job, stage, "--stage")
+    settings = SamplingSettings(temperature, top_k, top_p, cfg_scale, seed)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        sampler = Sampler(job, stage)
+        if task == "t2i":
+            written = [str(p) for p in sampler.t2i(text, folder, count, settings)]
+        elif task == "tts":
+            written = [str(p) for p in sampler.tts(text, Path(prompt_audio), folder, count, settings)]
+        else:
+            written = [json.dumps(caption) for caption in sampler.i2t(Path(image), count, settings)]   # quoted
+    except (SampleError, SamplingError, ValueError) as exc:
+        print(f"sample: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    print("\n".join(written))
 
 
 def _figures(figures: dict) -> str:

@@ -48,7 +48,7 @@ def _token_row(job: JobSpec, stage: str, kind: type[Stage], **where) -> tuple[St
     return (spec.stage, planner, *find_row(planner, stage, **where))
 
 
-def _built_checkpoint(planner: Planner, stage: str, what: str) -> Checkpoint:
+def built_checkpoint(planner: Planner, stage: str, what: str) -> Checkpoint:
     """What model stage `stage` built; RoundTripError naming it (as the `what` stage) if it is not built."""
     shards = planner.built_shards(stage)
     if not shards or None in shards.values():
@@ -61,7 +61,7 @@ def decode_image(job: JobSpec, stage: str, **where) -> Image.Image:
     import torch
 
     token_stage, planner, found, meta = _token_row(job, stage, TokenizeImages, **where)
-    tokenizer = _built_checkpoint(planner, token_stage.config.tokenizer, "tokenizer")
+    tokenizer = built_checkpoint(planner, token_stage.config.tokenizer, "tokenizer")
     if meta.get("tokenizer") != tokenizer.digest:
         raise RoundTripError(f"the token shard was made by another checkpoint of {token_stage.config.tokenizer} "
                              "(it is stale): run the job again")
@@ -80,7 +80,7 @@ def decode_speech(job: JobSpec, stage: str, **where) -> tuple[np.ndarray, int]:
     config = token_stage.config.codec
     trained = None
     if config.name == "tokenmill":
-        trained = _built_checkpoint(planner, config.stage, "codec")
+        trained = built_checkpoint(planner, config.stage, "codec")
     digest = trained.digest if trained else codec_digest(config)
     if (meta.get("codec_name"), meta.get("codec")) != (config.name, digest):
         raise RoundTripError(f"the token shard was made by codec {meta.get('codec_name')} {meta.get('codec')}, not by "

@@ -1,0 +1,93 @@
+"""Sampling a trained token model per task, whatever its arch: caption -> image codes (t2i), image
+codes -> caption ids (i2t), phonemes + a speaker prompt -> codec codes (tts). Ids in and out are
+local to their vocabulary range (text, image, phoneme, audio codes), as the tokenizers make them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.models.token_model import TokenModel
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 3.0         # t2i classifier-free guidance (1: none)
+    seed: int = 0
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+
+class SamplingError(ValueError):
+    """A task the model cannot sample (its arch does not do it, or the vocabulary lacks a modality)."""
+
+
+TASKS = {"t2i": ("decoder", "parti"), "i2t": ("decoder",), "tts": ("valle",)}    # task: the archs that do it
+_DOING = {"t2i": "sample images", "i2t": "caption images", "tts": "speak (tts needs a valle model)"}
+
+
+def require_task(model: TokenModel, task: str) -> None:
+    """SamplingError unless the model's arch does `task`."""
+    if model.arch not in TASKS[task]:
+        raise SamplingError(f"a {model.arch} model does not {_DOING[task]}")
+
+
+def _ids(*parts) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([np.asarray(p, np.int64).ravel() for p in parts]))[None]
+
+
+def text_to_image(model: TokenModel, text: list[int], tokens: int, s: SamplingSettings, salt: int = 0) -> np.ndarray:
+    """(tokens,) local image codes for the caption's text ids (raster order; the caller reshapes)."""
+    vocab = model.vocab
+    if model.arch == "parti":
+        from pipeline.models.parti import generate_image
+
+        return generate_image(model.net, vocab, list(text), tokens, temperature=s.temperature, top_k=s.top_k,
+                              top_p=s.top_p, cfg_scale=s.cfg_scale, generator=s.generator(salt)).numpy()
+    require_task(model, "t2i")
+    from pipeline.models.sampling import generate
+
+    head = [vocab.special("<bos>"), vocab.special("<t2i>")]
+    prompt = _ids(head, vocab.to_global("text", text), [vocab.special("<boi>")])
+    blank = _ids(head, [vocab.special("<pad>")] * len(text), [vocab.special("<boi>")])   # cfg_dropout's form
+    image = vocab.range("image")
+    codes = generate(model.net, prompt, tokens, allowed=(image.offset, image.offset + image.size),
+                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
+                     uncond_prompt=blank if s.cfg_scale != 1 else None, generator=s.generator(salt))[0]
+    return vocab.to_local("image", codes.numpy())
+
+
+def image_to_text(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0) -> list[int]:
+    """Caption text ids for local image codes: sampled up to <eos> (or max_tokens), text ids kept."""
+    require_task(model, "i2t")
+    from pipeline.models.sampling import generate
+
+    vocab = model.vocab
+    prompt = _ids([vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>")],
+                  vocab.to_global("image", image), [vocab.special("<eoi>")])
+    new = generate(model.net, prompt, max_tokens, stop=vocab.special("<eos>"), temperature=s.temperature,
+                   top_k=s.top_k, top_p=s.top_p, generator=s.generator(salt))[0].numpy()
+    text = vocab.range("text")
+    caption = []
+    for token in new:
+        if not text.offset <= token < text.offset + text.size:
+            break
+        caption.append(int(token - text.offset))
+    return caption
+
+
+def text_to_speech(model: TokenModel, phonemes: list[int], prompt: np.ndarray, max_frames: int,
+                   s: SamplingSettings, salt: int = 0) -> np.ndarray:
+    """(n_q, T) local codec codes speaking `phonemes` in the voice of `prompt` (n_q, Tp)."""
+    require_task(model, "tts")
+    from pipeline.models.valle import synthesize
+
+    return synthesize(model.net, model.vocab, list(phonemes), torch.as_tensor(np.asarray(prompt), dtype=torch.long),
+                      max_frames=max_frames, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                      generator=s.generator(salt)).numpy()

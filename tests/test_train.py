@@ -1,0 +1,294 @@
+"""The `train` stage end to end on a real local Ray: tiny decoder, VALL-E and Parti models trained on
+packed shards of the demo corpora, evaluated, sampled, resumed after a kill; and its bad input."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from conftest import assert_resumes_after_kill, shapes_url_list
+from pipeline.data import packed_rows, token_shards
+from pipeline.ledger import StageLedger
+from pipeline.models import token_model
+from pipeline.models.holdout import HoldOut, held_out_pairs
+from pipeline.models.train_tasks import TASK_NAMES, decoder_batch
+from pipeline.spec import SpecError, load_job, parse_job
+from pipeline.storage import Storage
+from pipeline.tokenizers import audio_codec_model, image_vq
+from pipeline.tokenizers.audio_codec_model import AudioCodecModel, CodecModelConfig
+from pipeline.tokenizers.vocab import build as build_vocab
+from pipeline.workflow import Planner, run
+
+TRAIN = "steps: 6, batch_size: 2, warmup_steps: 2, checkpoint_every: 3, log_every: 2, eval_documents: 24, eval_samples: 2"
+DECODER = "{arch: decoder, n_layer: 2, n_head: 4, d_model: 64}"
+
+
+def write_job(folder: Path, site: str, extra: str = "") -> Path:
+    """40 shapes images and 24 demo utterances, untrained tiny tokenizers, packed; three tiny models."""
+    torch.manual_seed(0)
+    vq = image_vq.save(image_vq.VQAutoencoder(image_vq.VQConfig(image_size=32, channels=8, codebook_size=256,
+                                                                latent_dim=16, kmeans_init=False)), folder / "vq")
+    codec = audio_codec_model.save(AudioCodecModel(CodecModelConfig(channels=4, max_channels=16, latent_dim=16,
+                                                                    codebook_dim=16, codebook_size=64, levels=2)),
+                                   folder / "codec")
+    spec = folder / "job.yaml"
+    spec.write_text(f"""name: train-test
+storage: {folder / "out"}
+stages:
+  images: {{kind: ingest-images, url_list: {shapes_url_list(folder / "urls.parquet", site, 40)}, image_size: 32,
+           samples_per_shard: 20}}
+  speech: {{kind: ingest-speech, corpus: demo-espeak, parts: [demo-24], samples_per_shard: 12}}
+  vq: {{kind: train-image-tokenizer, pretrained: "{vq}", eval_images: 4}}
+  codec: {{kind: train-audio-codec, pretrained: "{codec}", levels: 2, eval_utterances: 2, examples: 1,
+          calibration_utterances: 0}}
+  image-tokens: {{kind: tokenize-images, inputs: [images], tokenizer: vq}}
+  audio-tokens: {{kind: tokenize-speech, inputs: [speech], codec: {{name: tokenmill, stage: codec, levels: 2}}}}
+  text-bpe: {{kind: train-text-tokenizer, inputs: [images, speech], vocab_size: 400}}
+  sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
+              seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
+  decoder: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
+            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, {TRAIN}}}
+  valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
+          text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
+  parti: {{kind: train, inputs: [sequences], model: {{arch: parti, encoder_layers: 1, decoder_layers: 1, d_model: 64}},
+          text_tokenizer: text-bpe, image_tokenizer: vq, grad_accum: 2, {TRAIN}}}
+{extra}""")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def trained(ray_address, shapes_site, tmp_path_factory):
+    spec = write_job(tmp_path_factory.mktemp("train"), shapes_site)
+    results = {r.name: r for r in run(load_job(spec), address=ray_address)}
+    assert {n: (r.built, r.failed_shards) for n, r in results.items() if n in ("decoder", "valle", "parti")} == \
+        {"decoder": (1, 0), "valle": (1, 0), "parti": (1, 0)}, results
+    return spec, results
+
+
+def shards(spec: Path, stage: str) -> Path:
+    return Path(Storage(load_job(spec).storage).path(f"{stage}/shards"))
+
+
+def marker_stats(spec: Path, stage: str) -> dict:
+    return StageLedger(Storage(load_job(spec).storage), stage).read_markers()["model"].stats
+
+
+def training_task(spec: Path, name: str):
+    """The train_loop task that train stage `name` of the built job gives its workers."""
+    job = load_job(spec)
+    planner = Planner(job)
+    stage = job.stages[name].stage
+    (item,) = stage.inputs({"sequences": planner.built_shards("sequences")},
+                           {k: planner.built_shards(v) for k, v in stage.references().items()})
+    return stage.task(item.payload)
+
+
+def test_models_train_report_metrics_and_evaluate(trained):
+    spec, _ = trained
+    for stage, losses in (("decoder", ("loss_t2i", "loss_i2t")), ("valle", ("loss_tts_ar", "loss_tts_nar")),
+                          ("parti", ("loss_t2i",))):
+        stats = marker_stats(spec, stage)
+        assert stats["steps"] == 6 and stats["parameters"] > 10_000
+        report = json.loads((shards(spec, stage) / "eval.json").read_text())
+        assert report["documents"] > 0 and all(np.isfinite(report[k]) for k in losses), report
+        assert report["perplexity"] == pytest.approx(np.exp(report["loss"]), rel=1e-2)
+        metrics = [json.loads(line) for line in (shards(spec, stage) / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, 7))
+        assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait"] <= 1 and m["step_seconds"] > 0 for m in metrics)
+    decoder = json.loads((shards(spec, "decoder") / "eval.json").read_text())
+    assert decoder["t2i"]["samples"] == 2 and decoder["t2i"]["scored"] == 2      # held-out shapes captions
+    assert {"fidelity_color", "fidelity_kind", "fidelity_position", "fidelity_color_and_kind"} <= set(decoder["t2i"])
+    assert decoder["i2t"]["samples"] == 2 and "i2t_fidelity_color" in decoder["i2t"]
+    assert "fidelity_color" in marker_stats(spec, "decoder")                   # the summary carries them
+    pngs = sorted(shards(spec, "decoder").glob("t2i-*.png"))
+    assert len(pngs) == 2 and all(Image.open(png).size == (32, 32) for png in pngs)
+    valle = json.loads((shards(spec, "valle") / "eval.json").read_text())
+    assert valle["tts"]["samples"] == 2 and valle["tts"]["scored"] == 2 and valle["tts"]["tts_mcd"] > 0
+    audio, rate = sf.read(shards(spec, "valle") / "tts-00.wav")
+    assert rate == 24000 and audio.ndim == 1 and np.isfinite(audio).all()
+    parti = json.loads((shards(spec, "parti") / "eval.json").read_text())
+    assert parti["t2i"]["samples"] == 2
+
+
+def test_held_out_documents_never_train(trained):
+    """With `combinations`, every document whose caption holds a held-out (color, kind) pair is held
+    out, and a training batch holds none of them."""
+    task = training_task(trained[0], "decoder")
+    held = [d for url in task.files for row in packed_rows.iter_rows(url) for d in packed_rows.documents(url, row)
+            if d.task in ("t2i", "i2t") and task.filter.held_out(d)]
+    assert held and all(any(pair in task.filter.caption(d) for pair in (f"{c} {k}" for c, k in held_out_pairs(0.2)))
+                        for d in held)
+    batches = task.batches(0, 1, 0)
+    assert all((next(batches)["targets"] != -100).any() for _ in range(4))
+    # in a batch, a held-out document (or one of another task) is padding: no attention, no target
+    url = next(u for u in task.files if any(task.filter.held_out(d) for r in packed_rows.iter_rows(u)
+                                                for d in packed_rows.documents(u, r) if d.task in ("t2i", "i2t")))
+    row = next(r for r in packed_rows.iter_rows(url) if not all(task.filter.trains(d) for d in packed_rows.documents(url, r)))
+    docs = list(packed_rows.documents(url, row))
+    kept = [task.filter.trains(d) for d in docs]
+    batch = decoder_batch(task.vocab, [(random.Random(0), (row, kept))], 0.0)
+    for d, (doc, keep) in enumerate(zip(docs, kept)):
+        start = row["doc_starts"][d]
+        inside = slice(start, start + len(doc.tokens))
+        assert bool((batch["doc_ids"][0, inside] == d).all()) == keep
+        assert bool((batch["targets"][0, inside] != -100).any()) == keep
+
+
+def test_loader_resumes_exactly_and_ranks_are_disjoint(trained):
+    task = training_task(trained[0], "valle")
+    from_start = task.batches(0, 1, 0)
+    first = [next(from_start) for _ in range(5)]
+    resumed = next(task.batches(0, 1, 3))            # grad_accum 1: step 3 is the 4th batch
+    assert all(torch.equal(resumed[k], first[3][k]) for k in resumed)
+    ranks = [next(task.batches(r, 2, 0))["ar_tokens"] for r in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])
+
+
+def test_decoder_batch_targets_only_target_parts_and_blanks_captions():
+    vocab = build_vocab(text_size=20, image_codes=8)
+    from pipeline.data import packing
+
+    doc = packing.t2i(vocab, "k", [3, 4, 5], np.array([1, 2, 3, 4]))
+    row = {"tokens": np.concatenate([doc.tokens, [vocab.special("<pad>")] * 4]), "doc_starts": [0],
+           "doc_lengths": [len(doc.tokens)], "doc_targets": [doc.target], "doc_tasks": ["t2i"], "doc_keys": ["k"]}
+    batch = decoder_batch(vocab, [(random.Random(0), (row, [True]))], cfg_dropout=0.0)
+    targets = batch["targets"][0]
+    positions = torch.nonzero(targets != -100).flatten().tolist()
+    assert positions == list(range(doc.target - 1, len(doc.tokens) - 1))       # <boi> predicts the first code
+    assert targets[positions].tolist() == doc.tokens[doc.target:].tolist()
+    assert set(batch["task_ids"][0, positions].tolist()) == {TASK_NAMES.index("t2i")}
+    assert (batch["doc_ids"][0, len(doc.tokens):] == -1).all()
+    blanked = decoder_batch(vocab, [(random.Random(0), (row, [True]))], cfg_dropout=1.0)["tokens"][0]
+    assert (blanked[2:doc.target - 1] == vocab.special("<pad>")).all() and torch.equal(blanked[doc.target:], batch["tokens"][0][doc.target:])
+
+
+def test_holdout_policies():
+    pairs = held_out_pairs(0.1)
+    color, kind = sorted(pairs)[0]
+    policy = HoldOut("combinations", 0.1)
+    assert policy("any-key", f"a small {color} {kind} at the top left on a gray background")
+    assert not policy("any-key", "a small " + next(f"{c} {k}" for c in ("red", "blue", "green")
+                                               for k in ("circle", "square") if (c, k) not in pairs)
+                      + " at the top left on a gray background")
+    assert policy("k", "not a shapes caption") == HoldOut("key", 0.1)("k")      # falls back to the key split
+
+
+def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
+    spec, _ = trained
+    speech = shards(spec, "valle") / "tts-00.wav"             # any recording serves as a prompt
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", str(spec), *args, "--out", str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+
+    t2i = sample("--stage", "decoder", "--task", "t2i", "--text", "a small red circle at the center on a gray background",
+                 "--count", "2")
+    assert t2i.returncode == 0, t2i.stderr
+    assert [Image.open(p).size for p in t2i.stdout.split()] == [(32, 32), (32, 32)]
+    i2t = sample("--stage", "decoder", "--task", "i2t", "--image", t2i.stdout.split()[0], "--temperature", "0")
+    assert i2t.returncode == 0, i2t.stderr
+    assert isinstance(json.loads(i2t.stdout), str)          # one quoted caption (a 6-step model says little)
+    tts = sample("--stage", "valle", "--task", "tts", "--text", "hello there", "--prompt-audio", str(speech))
+    assert tts.returncode == 0, tts.stderr
+    audio, rate = sf.read(tts.stdout.strip())
+    assert rate == 24000 and np.isfinite(audio).all()
+    wrong = sample("--stage", "valle", "--task", "t2i", "--text", "a red circle")
+    assert wrong.returncode == 2 and "valle model does not sample images" in wrong.stderr
+    missing = sample("--stage", "nope", "--task", "t2i", "--text", "x")
+    assert missing.returncode == 2
+
+
+def test_rerun_does_nothing_and_a_config_change_retrains(trained, ray_address):
+    spec, _ = trained
+    again = {r.name: r for r in run(load_job(spec), stages=["decoder", "valle", "parti"], address=ray_address)}
+    assert all(r.built == 0 for r in again.values())
+    spec.write_text(spec.read_text().replace("grad_accum: 2, steps: 6", "grad_accum: 2, steps: 5"))
+    try:
+        (parti,) = run(load_job(spec), stages=["parti"], address=ray_address)
+        assert parti.built == 1 and marker_stats(spec, "parti")["steps"] == 5
+    finally:
+        spec.write_text(spec.read_text().replace("grad_accum: 2, steps: 5", "grad_accum: 2, steps: 6"))
+
+
+def test_bad_input_is_refused_with_a_clear_message(trained, ray_address, tmp_path):
+    spec, _ = trained
+    job = load_job(spec)
+    storage = Storage(job.storage)
+    model = token_model.load(shards(spec, "decoder"))
+    other = build_vocab(text_size=5, image_codes=4)
+    token_model.save(model.net, "decoder", other, tmp_path / "foreign")
+    (tmp_path / "job.yaml").write_text(spec.read_text() + f"""\
+  foreign: {{kind: train, inputs: [sequences], model: {DECODER}, pretrained: "{tmp_path / 'foreign'}"}}
+  greedy: {{kind: train, inputs: [sequences], model: {DECODER}, workers: 3, {TRAIN}}}
+""")
+    results = {r.name: r for r in run(load_job(tmp_path / "job.yaml"), stages=["foreign", "greedy"], address=ray_address)}
+    assert results["foreign"].failed_shards == 1 and results["greedy"].failed_shards == 1
+    foreign = StageLedger(storage, "foreign").read_markers()["model"].error
+    assert other.fingerprint[:16] in foreign and model.vocab.fingerprint[:16] in foreign
+    greedy = StageLedger(storage, "greedy").read_markers()["model"].error
+    assert "requests 3 workers x 1 CPU = 3 CPU; the cluster has 2 CPU" in greedy
+    # an id outside the vocabulary names the shard and the row
+    bad = tmp_path / "bad.parquet"
+    good = next(iter(Planner(job).built_shards("sequences").values())).files[0]
+    rows = [dict(r) for r in packed_rows.iter_rows(good)][:2]
+    rows[1]["tokens"] = rows[1]["tokens"].copy()
+    rows[1]["tokens"][5] = 10 ** 6
+    columns = {c: [r[c].tolist() if c == "tokens" else r[c] for r in rows] for c in packed_rows.COLUMNS}
+    token_shards.write(bad, "packed", {**columns, "source_shard": ["x", "x"]}, {"seq_len": 1024})
+    with pytest.raises(ValueError, match=rf"packed shard {bad} row 1: token id 1000000 outside the vocabulary"):
+        list(packed_rows.iter_rows(str(bad), model.vocab.size))
+
+
+def test_resume_after_the_driver_is_killed(trained, ray_address):
+    spec, _ = trained
+    spec.write_text(spec.read_text() + f"""\
+  long: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i], steps: 150, batch_size: 1, lr: 0.003,
+         warmup_steps: 3, checkpoint_every: 10, eval_documents: 4, eval_samples: 0}}
+""")
+    assert_resumes_after_kill(spec, "long", "model", 150, 10, ray_address)
+    metrics = [json.loads(line) for line in (shards(spec, "long") / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = marker_stats(spec, "long")["resumed_from"][0]
+    before, after = metrics[resumed_at - 5:resumed_at], metrics[resumed_at:resumed_at + 5]
+    # the loss curve continues where it stopped (weights and optimizer restored), not from the start
+    assert np.mean([m["loss"] for m in after]) < metrics[0]["loss"] - 0.5
+    assert after[0]["loss"] < before[-1]["loss"] + 0.3                         # no jump back up
+
+
+def test_train_spec_errors_name_the_key(tmp_path):
+    base = "name: t\nstorage: out\nstages:\n  packed: {kind: pack, text_tokenizer: bpe}\n  bpe: {kind: train-text-tokenizer}\n"
+    cases = {
+        "  m: {kind: train, inputs: [packed]}\n": ("stages.m", "model"),
+        "  m: {kind: train, inputs: [packed], model: {arch: gpt5}}\n": ("stages.m.model", "arch"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder, layers: 3}}\n": ("stages.m.model.layers", "not a decoder key"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder, d_model: 100, n_head: 3}}\n": ("stages.m.model.d_model", ""),
+        "  m: {kind: train, inputs: [packed], model: {arch: valle}, tasks: [t2i]}\n": ("stages.m.tasks", "does not train on"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, holdout: combinations}\n": ("stages.m.text_tokenizer", "required"),
+    }
+    for stage, (where, words) in cases.items():
+        with pytest.raises(SpecError) as error:
+            parse_job(base + stage, tmp_path / "job.yaml")
+        assert where in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_windows_cut_rows_at_document_boundaries():
+    from pipeline.models.train_tasks import windows
+
+    lengths = [3, 4, 2, 6, 9]
+    starts = list(np.cumsum([0] + lengths[:-1]))
+    row = {"tokens": np.arange(sum(lengths) + 2), "doc_starts": starts, "doc_lengths": lengths, "row": 7,
+           "doc_targets": [1] * 5, "doc_tasks": ["t2i"] * 5, "doc_keys": list("abcde")}
+    cut = list(windows(row, [True, True, False, True, True], context=8))
+    # c does not train, e (9 tokens) is longer than the window: a+b, then d
+    assert [w["doc_keys"] for w, _ in cut] == [["a", "b"], ["d"]]
+    assert all(len(w["tokens"]) == 8 for w, _ in cut)
+    assert cut[0][0]["tokens"][:7].tolist() == list(range(7)) and cut[0][0]["doc_starts"] == [0, 3]
+    assert cut[1][0]["tokens"][:6].tolist() == list(range(9, 15))
+    assert list(windows(row, [True] * 5, None)) == [(row, [True] * 5)]

@@ -62,7 +62,7 @@ class Train(ModelStage):
     shard = "model"
     input_suffix = ".parquet"
     reference_keys = ("text_tokenizer", "image_tokenizer", "codec")
-    figures = ("loss", "perplexity")
+    figures = ()                                 # status_figures picks them from the evaluation
     train_figures = ("loss",)
     evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "tasks")
 
@@ -110,6 +110,12 @@ class Train(ModelStage):
         """A pretrained model must be of the stage's arch (its vocabulary is checked against the shards)."""
         if self.config.pretrained and model_config.__class__ is not token_model.arch(self.config.model["arch"]).config:
             raise ValueError(f"pretrained checkpoint {self.config.pretrained} refused: it is not a {self.config.model['arch']}")
+
+    def status_figures(self, markers: list) -> dict:
+        """Steps, held-out loss and perplexity, and every fidelity and TTS figure of the evaluation."""
+        stats = markers[0].stats if markers else {}
+        return {k: v for k, v in stats.items()
+                if k in ("steps", "loss", "perplexity", "i2t_exact") or "fidelity" in k or k.startswith("tts_")}
 
     def evaluate(self, model: token_model.TokenModel, work: TrainWork, out: Path, output: ShardOutput) -> None:
         from pipeline.models.evaluation import evaluate

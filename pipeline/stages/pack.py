@@ -125,7 +125,7 @@ class Pack(Stage):
                 doc = packing.causal_masked(vocab, doc, packing.rng_for(self.config.seed, doc.key, "spans:" + doc.task),
                                             self.config.cm3_max_spans)
             documents.append(doc)
-        columns = _columns(packing.pack(documents, self.config.seq_len, self.config.open_rows), self.config.seq_len,
+        columns = packed_columns(packing.pack(documents, self.config.seq_len, self.config.open_rows), self.config.seq_len,
                            vocab.special("<pad>"), item.shard)
         path = token_shards.write(workdir / f"{item.shard}.parquet", SCHEMA, columns, {
             "vocab": vocab.to_json(), "vocab_fingerprint": vocab.fingerprint, "seq_len": self.config.seq_len,
@@ -212,7 +212,8 @@ class _Documents:
                 self.failures["utterance too short for a prompt"] += 1
 
 
-def _columns(rows, seq_len: int, pad: int, source_shard: str) -> dict[str, list]:
+def packed_columns(rows, seq_len: int, pad: int, source_shard: str) -> dict[str, list]:
+    """The columns of a packed shard (schemas/packed.arrow.json) holding `rows` (packing.Row)."""
     columns = {n: [] for n in token_shards.arrow_schema(SCHEMA).names}
     for row in rows:
         lengths = [len(d.tokens) for d in row.documents]

@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_images.py
 	$(BIN)/python benchmarks/tokenize_speech.py
 	$(BIN)/python benchmarks/codec.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf runs .pytest_cache

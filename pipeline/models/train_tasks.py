@@ -209,5 +209,5 @@ def decoder_loss(net, batch: dict) -> tuple[torch.Tensor, dict]:
     for i, name in enumerate(TASK_NAMES):
         chosen = counted & (task_ids == i)
         if chosen.any():
-            stats[f"loss_{name.replace(":", "_")}"] = float(ce[chosen].detach().mean())
+            stats[f"loss_{name.replace(':', '_')}"] = float(ce[chosen].detach().mean())
     return loss, stats

@@ -212,8 +212,9 @@ def tts_samples(model: TokenModel, codec_checkpoint, docs: list, s: SamplingSett
             scores.append(score(wav, reference, decode(parsed["prompt"]), codec.sample_rate))
     result = {"samples": len(written), "scored": len(scores)}
     if scores:
-        result.update(tts_mcd=round(float(np.mean([x.mcd_dtw for x in scores])), 3),
-                      tts_f0_semitones=round(float(np.median([x.f0_semitones for x in scores])), 3))
+        voiced = [x.f0_semitones for x in scores if np.isfinite(x.f0_semitones)]   # nan: a side is unvoiced
+        result.update(tts_mcd=round(float(np.mean([x.mcd_dtw for x in scores])), 3), tts_voiced=len(voiced),
+                      tts_f0_semitones=round(float(np.median(voiced)), 3) if voiced else None)
     return result
 
 

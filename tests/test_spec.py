@@ -100,6 +100,12 @@ def test_url_list_unreadable_or_absent(tmp_path):
     assert "matches no file" in found["stages.b.url_list"]
 
 
+def test_png_needs_a_compression_level():
+    found = problems("name: t\nstorage: s\nstages:\n  a: {kind: ingest-images, url_list: 'demo://shapes?count=3', "
+                     "encode_format: png}\n")
+    assert "zlib compression level 0-9, not 95" in found["stages.a.encode_quality"]
+
+
 def test_bad_demo_url():
     found = problems("name: t\nstorage: s\nstages:\n  a: {kind: ingest-images, url_list: 'demo://shapes?cnt=3'}\n")
     assert "unknown parameter(s) cnt" in found["stages.a.url_list"]

@@ -82,6 +82,9 @@ class IngestImages(Stage):
 
     @classmethod
     def check(cls, config: IngestImagesConfig) -> list[SpecProblem]:
+        if config.encode_format == "png" and not 0 <= config.encode_quality <= 9:   # img2dataset's rule
+            return [SpecProblem(("encode_quality",), f"for png it is the zlib compression level 0-9, not "
+                                                     f"{config.encode_quality} (95 is a jpg/webp quality)")]
         try:
             files = cls._files(config)
         except (ValueError, OSError) as exc:

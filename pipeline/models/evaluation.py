@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -225,8 +226,14 @@ def _is_demo_speech(row: dict) -> bool:
 
 def _source_row(packed_url: str, key: str, storage_root: str) -> dict | None:
     """The token-shard row a packed document was made from (text, speaker, ...), via the shard's `source`."""
+    url = _source_url(packed_url, storage_root)
+    return token_shards.read_row(url, key=key) if url else None
+
+
+@lru_cache(maxsize=64)
+def _source_url(packed_url: str, storage_root: str) -> str | None:
+    """The URL of the token shard a packed shard was made from (its metadata read once per shard)."""
     source = token_shards.metadata(packed_url).get("source")
     if not source:
         return None
-    url = source if "://" in source or source.startswith("/") else Storage(storage_root).url(source)
-    return token_shards.read_row(url, key=key)
+    return source if "://" in source or source.startswith("/") else Storage(storage_root).url(source)

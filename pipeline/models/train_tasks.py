@@ -109,7 +109,7 @@ class TokenModelTask:
     def _items(self, url: str) -> Iterator:
         """Training items of one shard: whole rows for the decoder, documents for the others."""
         for row in packed_rows.iter_rows(url, self.vocab.size):
-            docs = [d for d in packed_rows.documents(url, row)]
+            docs = list(packed_rows.documents(url, row))
             kept = [self.filter.trains(d) for d in docs]
             if self.arch == "decoder":
                 yield from ((window, keep) for window, keep in windows(row, kept, self.settings.context) if any(keep))

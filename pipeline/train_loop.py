@@ -13,12 +13,13 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 
+from pipeline import telemetry
 from pipeline.data.shard_stream import prefetched
 from pipeline.storage import Storage
 
@@ -67,6 +68,7 @@ class TrainJob:
     task: TrainTask
     storage_root: str
     metrics_rel: str                    # metrics.jsonl under the storage root
+    tags: dict = field(default_factory=telemetry.context_tags)   # {job, stage} of the shard task building it
 
 
 def micro_batches(s: TrainSettings) -> int:
@@ -143,6 +145,8 @@ def train_loop(config: dict) -> None:
         history.append({"step": step + 1, "lr": round(learning_rate(step, s), 8), **_rounded({**stats, **timing}),
                         "seconds": round(time.time() - started, 3)})
         last = step + 1 == s.steps
+        if rank == 0:
+            telemetry.record_train_step(job.tags, history[-1])
         if rank == 0 and ((step + 1) % s.log_every == 0 or last):
             storage.write_bytes(job.metrics_rel, _jsonl(history))
         if (step + 1) % s.checkpoint_every == 0 or last:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Protocol
 
-from pipeline import executor
+from pipeline import executor, telemetry
 from pipeline.ledger import (Marker, OutputFile, Plan, StageLedger, State, Totals, new_marker, shard_fingerprint,
                              stage_digest, stage_fingerprint)
 from pipeline.spec import JobSpec, StageSpec
@@ -37,6 +37,7 @@ class Planner:
         self.job = job
         self.address = address          # Ray is joined only when there is work to do
         self.storage = Storage(job.storage)
+        self.storage.check()
         self._plans: dict[str, StagePlan] = {}
 
     def ledger(self, name: str) -> StageLedger:
@@ -91,17 +92,19 @@ class StageResult:
                 or self.totals.failure_share() > max_failure_share)
 
 
-def build_shard(shared: tuple[Stage, Storage, str], item: ShardInput) -> dict:
+def build_shard(shared: tuple[Stage, Storage, str, str], item: ShardInput) -> dict:
     """Build one shard in a scratch folder, commit its outputs, then write its marker.
 
-    Runs inside a Ray task. The old marker goes first, so a crash anywhere leaves the shard
-    visibly not done; the new marker is written last, after every output is in place.
+    Runs inside a Ray task (shared: the stage, storage, stage fingerprint and job name). The old
+    marker goes first, so a crash anywhere leaves the shard visibly not done; the new marker is
+    written last, after every output is in place. The shard's figures go to the Ray metrics.
     """
-    stage, storage, stage_fp = shared
+    stage, storage, stage_fp, job_name = shared
+    began = time.perf_counter()
     ledger = StageLedger(storage, stage.name)
     marker = new_marker(item.shard, shard_fingerprint(stage_fp, item.digest), item.digest)
     ledger.forget(item.shard)
-    with storage.scratch(ledger.rel("_tmp")) as workdir:
+    with storage.scratch(ledger.rel("_tmp")) as workdir, telemetry.tagged(job_name, stage.name):
         output = stage.build(item, workdir)
         for path in output.files:
             size, digest = storage.commit(path, ledger.output_rel(path.name))
@@ -110,6 +113,8 @@ def build_shard(shared: tuple[Stage, Storage, str], item: ShardInput) -> dict:
     marker.failures = dict(output.failures)
     marker.finished = time.time()
     ledger.write_marker(marker)
+    telemetry.record_shard({"job": job_name, "stage": stage.name}, marker.samples, marker.failures,
+                           sum(o.size for o in marker.outputs), time.perf_counter() - began)
     return marker.to_json()
 
 
@@ -196,7 +201,7 @@ def run_stage(planner: Planner, name: str, *, force: bool = False, prune: bool =
         try:
             if todo:
                 _connect(planner)
-                executor.run_bounded(build_shard, (stage, storage, planned.fingerprint), todo,
+                executor.run_bounded(build_shard, (stage, storage, planned.fingerprint, planner.job.name), todo,
                                      **stage.placement(executor.cluster_resources(), len(todo)),
                                      max_in_flight=spec.execution.max_in_flight,
                                      retries=spec.execution.shard_retries, on_result=on_result, on_error=on_error)

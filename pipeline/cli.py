@@ -70,10 +70,23 @@ def run(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
 
 @app.command()
 def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
-           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
-    """Show each stage's state from its completion markers."""
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+           watch: bool = typer.Option(False, "--watch", help="Refresh a live table until no stage runs."),
+           interval: float = typer.Option(2.0, min=0.1, help="--watch: seconds between refreshes."),
+           address: Optional[str] = typer.Option(None, help="--watch: also ask this Ray cluster (dashboard URL, "
+                                                 "e.g. http://HEAD:8265) about the job's Ray jobs and tasks.")):
+    """Show each stage's state from its completion markers (live with --watch)."""
     from pipeline.monitor.status import job_status
 
+    if watch:
+        from pipeline.monitor.watch import watch as watch_job
+
+        if as_json:
+            print("--json and --watch do not go together: --json prints one object", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE)
+
+        watch_job(_load(job_file), interval, address)
+        return
     report = job_status(_load(job_file))
     if as_json:
         print(json.dumps(report, indent=1))

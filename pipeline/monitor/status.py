@@ -50,13 +50,27 @@ def _state(counts: dict, total: int, failed: bool, running: bool) -> str:
     return "partial" if counts[State.DONE] else "pending"
 
 
+def live_driver(job: JobSpec, since: float) -> bool:
+    """Whether a `tokenmill run` of `job` that wrote a stage record after `since` still lives on this
+    host: between two stages none is running, yet the run goes on."""
+    planner = Planner(job)
+    records = (planner.storage.read_json(planner.ledger(name).rel("_stage.json")) or {} for name in job.stages)
+    return any(r.get("updated", 0) >= since and _local_process_alive(r) for r in records)
+
+
 def _is_running(record: dict) -> bool:
     if not record.get("running"):
         return False
     if record.get("host") == socket.gethostname():
-        try:
-            os.kill(int(record["pid"]), 0)
-            return True
-        except (OSError, ValueError, KeyError):
-            return False
+        return _local_process_alive(record)
     return time.time() - record.get("updated", 0) < STALE_HEARTBEAT_SECONDS
+
+
+def _local_process_alive(record: dict) -> bool:
+    if record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+        return True
+    except (OSError, ValueError, KeyError):
+        return False

@@ -166,6 +166,49 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
     print("\n".join(written))
 
 
+@app.command()
+def submit(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+           address: str = typer.Option(..., envvar="RAY_API_SERVER_ADDRESS",
+                                       help="The head's Ray jobs endpoint, e.g. http://127.0.0.1:8265."),
+           wait: bool = typer.Option(False, help="Stream the job's logs; exit 0 if it succeeds, 1 if not.")):
+    """Run a job spec on a Ray cluster through the Ray Jobs API."""
+    from pipeline.submit import SubmitError, follow, submit as submit_job
+
+    job = _load(job_file)
+    try:
+        submission_id = submit_job(job, address, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+        print(f"submitted {submission_id}", flush=True)
+        if not wait:
+            return
+        info = follow(address, submission_id)
+    except SubmitError as exc:
+        print(f"submit: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    print(f"job {submission_id}: {info.status.value}" + (f": {info.message}" if info.status.value != "SUCCEEDED" else ""))
+    raise typer.Exit(EXIT_OK if info.status.value == "SUCCEEDED" else EXIT_WORK_FAILED)
+
+
+@app.command()
+def jobs(address: str = typer.Option(..., envvar="RAY_API_SERVER_ADDRESS",
+                                     help="The head's Ray jobs endpoint, e.g. http://127.0.0.1:8265."),
+         as_json: bool = typer.Option(False, "--json", help="Print one JSON list.")):
+    """List the jobs submitted to a Ray cluster, oldest first."""
+    from pipeline.submit import SubmitError, list_submissions
+
+    try:
+        rows = list_submissions(address)
+    except SubmitError as exc:
+        print(f"jobs: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    columns = ("state", "submission_id", "start", "end", "job", "user")
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    for row in [dict(zip(columns, columns))] + rows:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+
+
 def _figures(figures: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in figures.items())
 

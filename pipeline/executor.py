@@ -13,9 +13,14 @@ WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}   # albumentations calls the netw
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address`, or start a local one when it is None."""
+    """Join the Ray cluster at `address`, or start a local one when it is None.
+
+    Inside a Ray job (`tokenmill submit`, `ray job submit`) RAY_ADDRESS names the job's cluster, which
+    a None address then joins: a second local Ray there would run the job on the head alone.
+    """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.update(WORKER_ENV)   # a local cluster's workers inherit the driver's environment
     if address is None:
         # no runtime_env here: it costs a runtime-env agent round trip per worker (~0.6 s a run)

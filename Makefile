@@ -10,6 +10,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# tests/test_report.py renders pages in Debian's Chromium (playwright's own browsers are never downloaded)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: chromium is missing and only root can apt-get it; run 'sudo apt-get install chromium'" \
+		"(tests/test_report.py needs /usr/bin/chromium)" >&2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -209,6 +209,22 @@ def jobs(address: str = typer.Option(..., envvar="RAY_API_SERVER_ADDRESS",
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
 
 
+@app.command()
+def report(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
+           out: str = typer.Option("report.html", help="The HTML file to write (one self-contained page).")):
+    """Write one self-contained HTML page about the job: DAG, stage tables, curves, samples."""
+    from pipeline.monitor.report import write_report
+
+    job = _load(job_file)
+    folder = Path(out).resolve().parent
+    if not folder.is_dir() or Path(out).is_dir():
+        print(f"--out: cannot write {out}: " + ("it is a folder" if Path(out).is_dir() else f"no folder {folder}"),
+              file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE)
+    written = write_report(job, out)
+    print(f"{written} ({written.stat().st_size / 1e6:.1f} MB)")
+
+
 def _figures(figures: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in figures.items())
 

@@ -230,7 +230,13 @@ def _figures(figures: dict) -> str:
 
 
 def main() -> None:
-    app()
+    from pipeline.storage import StorageError
+
+    try:
+        app()
+    except StorageError as exc:     # a missing bucket or an unreachable endpoint, from any command
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ line), before any work starts.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def parse_job(text: str, source: str = "<spec>", base_dir: Path = Path(".")) -> 
     if isinstance(storage, str) and "://" not in storage and not Path(storage).is_absolute():
         storage = str((base_dir / storage).resolve())
     stages, stage_problems = _build_stages({n: d for n, d in raw.items() if n not in invalid}, storage)
-    problems += stage_problems + _reference_problems(raw)
+    problems += _storage_problems(storage) + stage_problems + _reference_problems(raw)
     if not problems:
         problems = _referenced_stage_problems(stages)
     if problems:
@@ -104,6 +105,14 @@ def parse_job(text: str, source: str = "<spec>", base_dir: Path = Path(".")) -> 
     order = _topological_order({n: s.depends_on for n, s in stages.items()})
     return JobSpec(data["name"], storage, ray.get("address"), ray.get("num_cpus"),
                    {n: stages[n] for n in order}, source)
+
+
+def _storage_problems(storage: Any) -> list[tuple[str, str]]:
+    """Credentials inside the storage URL (s3://KEY:SECRET@bucket) are refused, without repeating them."""
+    if isinstance(storage, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*@", storage):
+        return [("storage", "holds credentials (user:secret@): a spec is shared and logged, so give them in the "
+                            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or the provider's config files")]
+    return []
 
 
 def _schema_problems(data: Any) -> list[tuple[str, str]]:

@@ -22,12 +22,18 @@ import fsspec
 _CHUNK = 1 << 20
 
 
+class StorageError(OSError):
+    """The job's storage cannot be used; the message names its root and what is wrong."""
+
+
 class Storage:
     """A directory tree under `root` (local path or fsspec URL such as s3://bucket/prefix)."""
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        # no listings cache: markers and outputs are written by other processes (Ray workers, other
+        # drivers), and a cached listing would give their old sizes (a torn read, or s3fs's FileExpired)
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, use_listings_cache=False)
         self.is_local = "file" in _protocols(self.fs)
         if self.is_local:
             self._root_path = os.path.abspath(self._root_path)
@@ -42,6 +48,33 @@ class Storage:
     def url(self, rel: str) -> str:
         """URL of `rel`, usable by any fsspec-aware library."""
         return self.path(rel) if self.is_local else f"{self.root}/{rel}"
+
+    def check(self) -> None:
+        """Raise StorageError when an object store's bucket does not exist or its endpoint cannot be
+        reached. A refused bucket lookup passes: credentials may be scoped to the prefix."""
+        if self.is_local:
+            return
+        bucket = self._root_path.split("/", 1)[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise StorageError(f"storage {self.root}: bucket {bucket!r} does not exist (or is not visible "
+                               f"with these credentials)") from None
+        except PermissionError:
+            pass
+        except Exception as exc:   # noqa: BLE001 - botocore's and others' connection errors share no base
+            raise StorageError(f"storage {self.root}: cannot reach it: {type(exc).__name__}: {exc}") from None
+
+    def arrow(self, rel: str):
+        """(path, pyarrow filesystem or None) of `rel` for pyarrow-based libraries such as Ray Train
+        (`RunConfig(storage_path=..., storage_filesystem=...)`): on an object store, this storage's own
+        fsspec filesystem, so they reach the same endpoint with the same credentials (botocore's
+        environment and config files); None for a local root, whose path is a plain path."""
+        if self.is_local:
+            return self.path(rel), None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return self.path(rel), PyFileSystem(FSSpecHandler(self.fs))
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))

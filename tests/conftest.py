@@ -21,14 +21,32 @@ RAY_CPUS = 2
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the session. Its endpoint and credentials go into the environment,
+    as a user's shell would hold them, before the session's Ray starts, so its workers see them too."""
+    import logging
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "tokenmill-test-key",
+           "AWS_SECRET_ACCESS_KEY": f"secret-{os.urandom(8).hex()}", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory, s3_server):
     """A local Ray cluster shared by the whole session; yields its address for subprocess drivers."""
     import ray
 
     os.environ["TOKENMILL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1",
-                                       "TOKENMILL_CACHE": os.environ["TOKENMILL_CACHE"]}})
+                                       "TOKENMILL_CACHE": os.environ["TOKENMILL_CACHE"], **s3_server}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

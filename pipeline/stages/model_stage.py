@@ -142,13 +142,14 @@ class ModelStage(Stage):
         job = TrainJob(self.task(item.payload), storage.root, f"{self.name}/{METRICS_FILE}")
         _check_resources(self.name, c)
         run_name = "run-" + sha256_of({"config": self.fingerprint_config(), "input": item.digest})[:16]
+        checkpoints, filesystem = storage.arrow(f"{self.name}/checkpoints")
         trainer = TorchTrainer(
             train_loop, train_loop_config={"job": job},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
                 resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage.url(f"{self.name}/checkpoints"),
+                name=run_name, storage_path=checkpoints, storage_filesystem=filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
         result = trainer.fit()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from PIL import Image
 
 from conftest import write_url_list
 from pipeline.data.tar_stream import iter_files
@@ -179,6 +180,18 @@ def test_status_and_a_rerun_that_does_nothing(built, ray_address, s3_server):
     secret = s3_server["AWS_SECRET_ACCESS_KEY"]
     for output in (status, again, table):
         assert secret not in output.stdout + output.stderr
+
+
+def test_decode_and_sample_read_tokenizers_and_models_from_the_bucket(built, tmp_path):
+    spec, *_ = built
+    decoded = cli("decode", str(spec), "--stage", "image-tokens", "--shard", "00000", "--row", "0",
+                  "--out", str(tmp_path / "row.png"))
+    assert decoded.returncode == 0, decoded.stderr
+    assert Image.open(tmp_path / "row.png").size == (32, 32)
+    sampled = cli("sample", str(spec), "--stage", "decoder", "--task", "t2i", "--text", "a small red circle",
+                  "--out", str(tmp_path / "samples"))
+    assert sampled.returncode == 0, sampled.stderr
+    assert [Image.open(p).size for p in sampled.stdout.split()] == [(32, 32)]
 
 
 def test_no_object_in_the_bucket_holds_the_secret(built, s3_server):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,9 +68,11 @@ class BrokenWebHandler(QuietHandler):
         elif name.startswith("slow"):
             time.sleep(6)           # beyond the test specs' timeout
             self._send(jpeg_bytes())
-        elif name.startswith("delay/"):   # a good file, served slowly enough to kill a run mid-stage
+        elif name.startswith(("delay/", "gated/")):   # a good file, served slowly enough to kill a run mid-stage;
+            if name.startswith("gated/"):               # gated: not before the test opens the server's gate
+                self.server.gate.wait(120)
             time.sleep(0.3)
-            self.path = "/" + name[len("delay/"):]
+            self.path = "/" + name.split("/", 1)[1]
             super().do_GET()
         elif name.startswith("text"):
             self._send(b"<html>not an image</html>", "text/html")
@@ -102,6 +105,7 @@ def web(tmp_path):
     (root / "tiny.jpg").write_bytes(jpeg_bytes(size=(16, 16)))
     (root / "wide.jpg").write_bytes(jpeg_bytes(size=(400, 50)))
     with LocalServer(root, BrokenWebHandler) as server:
+        server.gate = server._httpd.gate = threading.Event()    # opened by tests that serve gated/ paths
         yield server
 
 

@@ -19,12 +19,13 @@ SHARDS, PER_SHARD = 8, 3
 
 
 def start_slow_run(web, tmp_path, ray_address: str) -> tuple[subprocess.Popen, str]:
-    """A `tokenmill run` of 8 shards of images served with a delay each, once its stage is running."""
-    urls = [web.url(f"delay/good-{i}.jpg") for i in range(SHARDS * PER_SHARD)]
+    """A `tokenmill run` of 8 shards of images, once its stage is running; the images are served with a
+    delay each once the test opens the server's gate."""
+    urls = [web.url(f"gated/good-{i}.jpg") for i in range(SHARDS * PER_SHARD)]
     url_list = write_url_list(tmp_path / "urls.parquet", urls)
     spec = write_job(tmp_path / "job.yaml", tmp_path / "out",
                      f"  images: {{kind: ingest-images, url_list: {url_list}, image_size: 32, "
-                     f"samples_per_shard: {PER_SHARD}, thread_count: 1, timeout: 10, retries: 0}}\n")
+                     f"samples_per_shard: {PER_SHARD}, thread_count: 1, timeout: 120, retries: 0}}\n")
     run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec), "--address", ray_address],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     threading.Thread(target=run.wait, daemon=True).start()   # reap it at once, as a shell would: a zombie
@@ -67,20 +68,25 @@ def test_watch_follows_a_run_until_it_is_done(ray_address, web, tmp_path):
         text = shown.decode(errors="replace")
         assert "\x1b[" in text and "samples/s" in text and "│ images │ running" in text, text
 
-        # off a terminal: plain lines per refresh, the final table, and the watch ends by itself
-        watched = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", spec, "--watch",
-                                  "--interval", "0.5"], capture_output=True, text=True, timeout=120)
-        assert watched.returncode == 0, watched.stderr
+        # off a terminal: plain lines per refresh, the final table, and the watch ends by itself; the
+        # downloads start once it has shown the stage running, so it sees them all however loaded the machine
+        watched = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "status", spec, "--watch",
+                                    "--interval", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = watched.stdout.readline()
+        web.gate.set()
+        out, err = watched.communicate(timeout=120)
+        assert watched.returncode == 0, err
         assert run.poll() == 0, "the watch ended before the run"
     finally:
+        web.gate.set()
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-    lines = [line for line in watched.stdout.splitlines() if "[images]" in line]
+    lines = [line for line in (first + out).splitlines() if "[images]" in line]
     done = [int(re.search(rf" (\d+)/{SHARDS} shards", line).group(1)) for line in lines]
-    assert done == sorted(done) and len(set(done)) >= 3, watched.stdout      # progress rose refresh by refresh
+    assert done == sorted(done) and len(set(done)) >= 3, first + out      # progress rose refresh by refresh
     assert " running " in lines[0] and f" done {SHARDS}/{SHARDS} shards, {SHARDS * PER_SHARD} samples" in lines[-1]
-    assert any(re.search(r"running .* [1-9][\d.]* samples/s, ETA \d+s", line) for line in lines), watched.stdout
-    assert re.search(rf"│ images │ done +│ ━+ │ +{SHARDS}/{SHARDS} │ +{SHARDS * PER_SHARD} │", watched.stdout)
+    assert any(re.search(r"running .* [1-9][\d.]* samples/s, ETA \d+s", line) for line in lines), out
+    assert re.search(rf"│ images │ done +│ ━+ │ +{SHARDS}/{SHARDS} │ +{SHARDS * PER_SHARD} │", out)
 
 
 def test_watch_with_json_is_a_usage_error(tmp_path):

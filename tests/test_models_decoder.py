@@ -1,4 +1,5 @@
 """The token models on tiny configs: Decoder (packing masks, KV cache), sampling, Parti."""
+import copy
 import math
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_bad_configs_name_the_field(vocab):
     cases = [(DecoderConfig, dict(d_model=100, n_head=3), "d_model"), (DecoderConfig, dict(d_model=96, n_head=32), "d_model"),
              (DecoderConfig, dict(n_layer=0), "n_layer"), (DecoderConfig, dict(dropout=1.0), "dropout"),
              (DecoderConfig, dict(n_head=0), "n_head"), (PartiConfig, dict(encoder_layers=0), "encoder_layers"),
-             (PartiConfig, dict(mlp_ratio=0), "mlp_ratio")]
+             (PartiConfig, dict(mlp_ratio=0), "mlp_ratio"), (DecoderConfig, dict(image_positions=-1), "image_positions")]
     for config, fields, name in cases:
         with pytest.raises(ConfigError) as error:
             config(**fields)
@@ -106,6 +107,33 @@ def test_bad_configs_name_the_field(vocab):
         with pytest.raises(ConfigError, match="vocab_size") as error:
             model(config)
         assert error.value.field == "vocab_size"
+    with pytest.raises(ConfigError) as error:                                   # image slots need the <boi> id
+        Decoder(DecoderConfig(vocab_size=vocab.size, image_positions=4))
+    assert error.value.field == "boi_id"
+
+
+def test_image_slots_follow_each_documents_boi_in_packing_and_in_the_cache(vocab):
+    boi = vocab.special("<boi>")
+    model = tiny_decoder(vocab, image_positions=4, boi_id=boi)
+    row = tokens(vocab, 1, 16)
+    row[row == boi] = 0
+    row[0, 2], row[0, 11] = boi, boi                     # document 0: a <boi> at 2; document 1 (9..15): at 11
+    doc_ids = torch.tensor([[0] * 9 + [1] * 7])
+    slots = model.image_slot_embedding(row, doc_ids, None)
+    expected = [-1, -1, 0, 1, 2, 3, -1, -1, -1, -1, -1, 0, 1, 2, 3, -1]   # the slot each position predicts
+    for t, slot in enumerate(expected):
+        want = torch.zeros(32) if slot < 0 else model.image_slots.weight[slot]
+        torch.testing.assert_close(slots[0, t], want)
+    packed = model(row, doc_ids)
+    torch.testing.assert_close(packed[:, 9:], model(row[:, 9:]), atol=1e-5, rtol=0)   # = document 1 alone
+    full, cache = model(row), model.new_cache()                  # one document: <boi> at 2 and again at 11
+    pieces = [model(row[:, :2], cache=cache), model(row[:, 2:4], cache=cache)]
+    pieces += [model(row[:, t:t + 1], cache=cache) for t in range(4, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    plain = copy.deepcopy(model)                                 # slot embeddings zeroed: differs only from a <boi> on
+    plain.image_slots.weight.data.zero_()
+    differs = (plain(row) - full).abs().amax(-1)[0] > 1e-6
+    assert not differs[:2].any() and differs[2]
 
 
 # ---- sampling -----------------------------------------------------------------------------------

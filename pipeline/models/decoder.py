@@ -47,9 +47,15 @@ class DecoderConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True         # the lm head is the embedding table
     rope_base: float = 10000.0
+    image_positions: int = 0            # learned embeddings of the first N slots after <boi> (an image's
+                                        # grid, e.g. 64 for 8x8 codes), so a code knows its row and column
+                                        # without counting; 0: none
+    boi_id: int = -1                    # the <boi> id, set from the vocabulary when image_positions > 0
 
     def __post_init__(self):
         require("DecoderConfig", [("n_layer", self.n_layer > 0, f"must be positive, not {self.n_layer}"),
+                                  ("image_positions", self.image_positions >= 0,
+                                   f"must be >= 0 (0: none), not {self.image_positions}"),
                                   *transformer_checks(self)])
 
     @property
@@ -96,6 +102,10 @@ class Decoder(nn.Module):
         require_vocab_size("DecoderConfig", config.vocab_size)
         self.config, c = config, config.transformer
         self.embed = nn.Embedding(config.vocab_size, c.d_model)
+        if config.image_positions:
+            require("DecoderConfig", [("boi_id", 0 <= config.boi_id < config.vocab_size,
+                                       f"must be the vocabulary's <boi> id when image_positions > 0, not {config.boi_id}")])
+            self.image_slots = nn.Embedding(config.image_positions, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(config.n_layer))
         self.norm = RMSNorm(c.d_model)
@@ -118,10 +128,33 @@ class Decoder(nn.Module):
             mask, default_positions = causal_inputs(tokens, cache)
         positions = default_positions if positions is None else positions
         rope = rotary(positions, self.config.transformer.head_size, self.config.rope_base)
-        x = self.drop(self.embed(tokens))                       # (B, T, C)
+        x = self.embed(tokens)                                  # (B, T, C)
+        if self.config.image_positions:
+            x = x + self.image_slot_embedding(tokens, doc_ids, cache)
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, layer)
         return self.head(self.norm(x))                          # (B, T, V)
+
+    def image_slot_embedding(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
+                             cache: KVCache | None) -> torch.Tensor:
+        """(B, T, C): at <boi> the embedding of slot 0, after image code k that of slot k + 1 (the slot
+        each position predicts), within image_positions of the last <boi> of the same document; 0 elsewhere.
+        With a cache the last <boi> is carried over from the cached positions."""
+        B, T = tokens.shape
+        past = 0 if cache is None else cache.length
+        index = torch.arange(past, past + T, device=tokens.device).expand(B, T)
+        boi = torch.where(tokens == self.config.boi_id, index, -1)
+        if cache is not None and cache.image_start is not None:
+            boi[:, 0] = torch.maximum(boi[:, 0], cache.image_start)
+        last = boi.cummax(dim=1).values                         # (B, T) position of the last <boi>, -1: none
+        if doc_ids is not None:                                 # a <boi> of an earlier document does not count
+            last = torch.where(last >= index - document_positions(doc_ids), last, -1)
+        if cache is not None:
+            cache.image_start = last[:, -1]
+        slot = index - last
+        used = (last >= 0) & (slot < self.config.image_positions)
+        return self.image_slots(slot.clamp(0, self.config.image_positions - 1)) * used[..., None]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)

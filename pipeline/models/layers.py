@@ -59,6 +59,7 @@ class KVCache:
 
     def __init__(self, n_layer: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.image_start: torch.Tensor | None = None     # (B,) position of each row's last <boi> (Decoder)
 
     @property
     def length(self) -> int:
@@ -75,6 +76,8 @@ class KVCache:
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (e.g. to drop finished samples)."""
         self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+        if self.image_start is not None:
+            self.image_start = self.image_start[index]
 
 
 class Attention(nn.Module):

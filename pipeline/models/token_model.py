@@ -67,6 +67,8 @@ def model_config(model: dict, vocab: Vocab):
         if not audio:
             raise ConfigError("model", "arch", "valle needs speech tokens (the vocabulary has no audio ranges)")
         sizes.update(n_q=len(audio), codebook_size=audio[0].size)
+    if model["arch"] == "decoder" and model.get("image_positions"):
+        sizes["boi_id"] = vocab.special("<boi>")
     return cls(**{k: v for k, v in model.items() if k != "arch"}, **sizes)
 
 

@@ -92,14 +92,19 @@ def status(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         print(json.dumps(report, indent=1))
         return
     table = Table(title=f"job {report['job']}")
-    for column in ("stage", "state", "shards", "samples", "failures", "top failure reasons", "figures"):
+    for column in ("stage", "state", "shards", "samples", "failures", "top failure reasons"):
         table.add_column(column, justify="right" if column in ("shards", "samples", "failures") else "left")
+    figures = {}
     for name, s in report["stages"].items():
         reasons = ", ".join(f"{r} ({n})" for r, n in list(s["failure_reasons"].items())[:3])
-        figures = _figures({k: v for k, v in s.items() if k not in STANDARD_STATUS_KEYS})
         table.add_row(name, s["state"], f"{s['shards_done']}/{s['shards_total']}", str(s["samples"]),
-                      str(s["failures"]), reasons, figures)
-    Console().print(table)
+                      str(s["failures"]), reasons)
+        figures[name] = _figures({k: v for k, v in s.items() if k not in STANDARD_STATUS_KEYS})
+    console = Console()
+    console.print(table)
+    for name, line in figures.items():     # below the table: a column of them would be squeezed unreadable
+        if line:
+            console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,8 @@ def test_status_and_a_rerun_that_does_nothing(built, ray_address, s3_server):
     assert again.stdout.count("built 0 shard(s)") == 6, again.stdout
     assert {k: json.loads(body(bucket, k))["finished"] for k in markers} == stamps
     table = cli("status", str(spec))
+    assert table.returncode == 0 and "│ decoder " in table.stdout, table.stdout
+    assert re.search(r"^decoder: .*steps 4", table.stdout, re.M), table.stdout    # figures: a line a stage, below
     secret = s3_server["AWS_SECRET_ACCESS_KEY"]
     for output in (status, again, table):
         assert secret not in output.stdout + output.stderr

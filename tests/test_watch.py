@@ -60,7 +60,7 @@ def test_watch_follows_a_run_until_it_is_done(ray_address, web, tmp_path):
         on_tty = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "status", spec, "--watch",
                                    "--interval", "0.5"], stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "150"})
         os.close(slave)
-        shown = read_pty_until(master, b"running", 60)
+        shown = read_pty_until(master, "│ images │ running".encode(), 90)    # its loop is drawing the table
         on_tty.send_signal(signal.SIGINT)
         shown += read_pty_until(master, b"\x00", 30)
         assert on_tty.wait(30) == 0

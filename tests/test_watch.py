@@ -16,6 +16,12 @@ from pipeline.monitor.status import job_status
 from pipeline.spec import load_job
 
 SHARDS, PER_SHARD = 8, 3
+# `tokenmill ARGS` as a terminal's foreground job gets it: Ctrl-C raises KeyboardInterrupt. A child inherits
+# an ignored or blocked SIGINT from the test process (something earlier in a full pytest session leaves it
+# so), and Python then installs no handler: the watch would never see the Ctrl-C this test sends.
+AS_ON_A_TERMINAL = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                    "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'tokenmill'; "
+                    "runpy.run_module('pipeline.cli', run_name='__main__')")
 
 
 def start_slow_run(web, tmp_path, ray_address: str) -> tuple[subprocess.Popen, str]:
@@ -57,8 +63,8 @@ def test_watch_follows_a_run_until_it_is_done(ray_address, web, tmp_path):
     try:
         # on a terminal: the table is redrawn in place; Ctrl-C ends the watch with the table and exit 0
         master, slave = pty.openpty()
-        on_tty = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "status", spec, "--watch",
-                                   "--interval", "0.5"], stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "150"})
+        on_tty = subprocess.Popen([sys.executable, "-c", AS_ON_A_TERMINAL, "status", spec, "--watch", "--interval", "0.5"],
+                                  stdout=slave, stderr=slave, env={**os.environ, "COLUMNS": "150"})
         os.close(slave)
         shown = read_pty_until(master, "│ images │ running".encode(), 90)    # its loop is drawing the table
         on_tty.send_signal(signal.SIGINT)

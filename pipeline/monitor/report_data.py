@@ -63,8 +63,8 @@ class JobReport:
 
 def collect(job: JobSpec) -> JobReport:
     """The report's content for `job`, from its storage."""
-    status = job_status(job)["stages"]
     planner = Planner(job)
+    status = job_status(job, planner)["stages"]   # the same planner: each stage's markers are read once
     stages = []
     for name, spec in job.stages.items():
         markers = planner.plan(name).plan.done_markers()

@@ -12,9 +12,9 @@ from pipeline.workflow import Planner
 STALE_HEARTBEAT_SECONDS = 120   # a running record from another host older than this is dead
 
 
-def job_status(job: JobSpec) -> dict:
-    """The DESIGN.md status object: {"job": name, "stages": {stage: {...}}}."""
-    planner = Planner(job)
+def job_status(job: JobSpec, planner: Planner | None = None) -> dict:
+    """The DESIGN.md status object: {"job": name, "stages": {stage: {...}}} (with `planner`: its plans, reused)."""
+    planner = planner or Planner(job)
     stages = {}
     for name, spec in job.stages.items():
         planned = planner.plan(name)

@@ -30,7 +30,7 @@ from pipeline.data.shard_stream import prefetched
 from pipeline.stages.base import checkpoint_of
 from pipeline.storage import Storage
 from pipeline.tokenizers.audio_codec import load_codec
-from pipeline.train_loop import new_optimizer, train_step
+from pipeline.train_loop import autocast, new_optimizer, train_step
 from pipeline.workflow import Planner
 
 
@@ -65,9 +65,10 @@ def plain_training(job, tars: list[str], steps: int, batch: int) -> float:
     model = task.build()
     optimizer = new_optimizer(model, task.settings)
     batches = prefetched(task.batches(0, 1, 0), depth=4)
+    forward_context = autocast(torch.device("cpu"), task.settings.precision)   # as the stage's loop
     started = time.perf_counter()
     for step in range(steps):
-        train_step(task, model, model, optimizer, [next(batches)], step)
+        train_step(task, model, model, optimizer, [next(batches)], step, forward_context)
     return time.perf_counter() - started
 
 

@@ -14,6 +14,8 @@ pack stage does, in a vocabulary of 1024 text ids and 1024 image codes. Both con
 - one plain process: one worker's share of the machine (`torch.set_num_threads(1)`), `train_step` on
   batches of `task.batches(0, 1, 0)` through the same prefetch thread, timed as the loop times a step.
 
+Both run at the stage's `--precision` (auto: bf16 autocast on a CPU with AVX512-BF16 or AMX, else fp32).
+
 Tokens are non-pad positions (`doc_ids >= 0`: held-out documents are padding too). Both take the
 median over the steps after the first `--skip`. Scaling efficiency = Ray Train tokens/s / (workers x
 plain tokens/s), target >= 0.8; data wait = mean `data_wait` of the Ray Train steps, target <= 5%.
@@ -44,7 +46,8 @@ from pipeline.models import token_model
 from pipeline.models.train_tasks import TokenModelTask, TokenTrainSettings
 from pipeline.stages.pack import SCHEMA, packed_columns
 from pipeline.tokenizers import vocab as vocab_module
-from pipeline.train_loop import METRICS_FILE, TrainJob, new_optimizer, train_loop, train_step
+from pipeline.train_loop import (METRICS_FILE, PRECISIONS, TrainJob, autocast, new_optimizer, train_loop, train_step,
+                                 uses_bf16)
 
 SHARDS = 4
 TEXT_IDS, IMAGE_CODES = 1024, 1024
@@ -87,21 +90,21 @@ def decoder_task(vocab, files: list[str], layers: int, d_model: int, heads: int,
     return TokenModelTask("decoder", config, settings, files, json.dumps(vocab.to_json()), ("t2i",))
 
 
-def plain_steps(task: TokenModelTask, steps: int, device: str = "cpu", bf16: bool = False) -> tuple[list[dict], int]:
+def plain_steps(task: TokenModelTask, steps: int, device: str = "cpu") -> tuple[list[dict], int]:
     """`steps` train_step calls in this process, each timed as train_loop times its steps (from asking
     for the batch to the optimizer step done); per step tokens, positions, data wait and seconds; the
     model's parameter count."""
     torch.manual_seed(task.settings.seed)
     model = task.build().to(device)
     optimizer = new_optimizer(model, task.settings, fused=device == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    forward_context = autocast(torch.device(device), task.settings.precision)   # as the stage's loop
     batches = prefetched(task.batches(0, 1, 0), depth=4)
     records = []
     for step in range(steps):
         began = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         waited = time.perf_counter() - began
-        stats = train_step(task, model, model, optimizer, [batch], step, autocast)
+        stats = train_step(task, model, model, optimizer, [batch], step, forward_context)
         if device == "cuda":
             torch.cuda.synchronize()
         took = time.perf_counter() - began
@@ -156,7 +159,8 @@ def gpu_section(args, vocab, files: list[str]) -> None:
     """The >= 100M-parameter decoder in one process on the GPU, bf16 autocast, fused AdamW: tokens/s, MFU."""
     task = decoder_task(vocab, files, args.gpu_layers, args.gpu_d_model, args.gpu_heads, args.gpu_batch,
                         args.gpu_steps)
-    records, params = plain_steps(task, args.gpu_steps, "cuda", bf16=True)
+    task.settings.precision = "bf16"
+    records, params = plain_steps(task, args.gpu_steps, "cuda")
     figures = steady(records, args.skip)
     positions = statistics.median(r["positions"] / r["step_seconds"] for r in records[args.skip:])
     mfu = 6 * params * positions / (args.peak_tflops * 1e12)
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the stage's precision key, both contenders (auto: bf16 where the CPU has bf16 instructions)")
     parser.add_argument("--gpu-d-model", type=int, default=1024, help="GPU section's decoder (with CUDA only)")
     parser.add_argument("--gpu-layers", type=int, default=12)
     parser.add_argument("--gpu-heads", type=int, default=16)
@@ -198,6 +204,7 @@ def main() -> None:
 
     vocab, files = make_corpus(work / f"corpus-{args.seq_len}-{args.rows}", args.rows, args.seq_len)
     task = decoder_task(vocab, files, args.layers, args.d_model, args.heads, args.batch, args.steps)
+    task.settings.precision = args.precision
     threads = torch.get_num_threads()
     torch.set_num_threads(1)             # one worker's share of the machine
     plain_records, params = plain_steps(task, args.steps)
@@ -213,7 +220,8 @@ def main() -> None:
           f"vocabulary {vocab.size}")
     print(f"model: decoder {args.layers} layers x d_model {args.d_model}, {args.heads} heads, {params / 1e6:.2f}M "
           f"parameters; a step: {args.batch} rows = {args.batch * args.seq_len} positions, {tokens:.0f} tokens "
-          f"(non-pad) per worker; median of steps {args.skip + 1}-{args.steps}; {os.cpu_count()} CPUs")
+          f"(non-pad) per worker; median of steps {args.skip + 1}-{args.steps}; {os.cpu_count()} CPUs; precision "
+          f"{args.precision}: {'bf16 autocast' if uses_bf16(torch.device('cpu'), args.precision) else 'fp32'}")
     print(f"  one process, 1 torch thread: {plain['tokens_per_s']:,.0f} tokens/s (overall {plain['overall']:,.0f}; "
           f"step {plain['step_seconds']:.3f} s, data wait {plain['data_wait']:.1%})")
     described = ", ".join(f"torch {t['torch']} / OMP_NUM_THREADS={t['OMP_NUM_THREADS']}" for t in worker_threads)

@@ -271,11 +271,29 @@ def test_train_spec_errors_name_the_key(tmp_path):
         "  m: {kind: train, inputs: [packed], model: {arch: decoder, d_model: 100, n_head: 3}}\n": ("stages.m.model.d_model", ""),
         "  m: {kind: train, inputs: [packed], model: {arch: valle}, tasks: [t2i]}\n": ("stages.m.tasks", "does not train on"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, holdout: combinations}\n": ("stages.m.text_tokenizer", "required"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, precision: fp16}\n": ("stages.m.precision", "fp16"),
+        "  m: {kind: train-image-tokenizer, inputs: [packed], precision: half}\n": ("stages.m.precision", "half"),
     }
     for stage, (where, words) in cases.items():
         with pytest.raises(SpecError) as error:
             parse_job(base + stage, tmp_path / "job.yaml")
         assert where in str(error.value) and words in str(error.value), str(error.value)
+
+
+def test_precision_picks_bf16_autocast_where_the_hardware_has_it():
+    from pipeline.train_loop import autocast, cpu_has_bf16, uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16(cuda, "auto") and uses_bf16(cpu, "bf16") and not uses_bf16(cuda, "fp32")
+    assert uses_bf16(cpu, "auto") == cpu_has_bf16()
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, not 'fp16'"):
+        uses_bf16(cpu, "fp16")
+    layer = torch.nn.Linear(8, 8)
+    with autocast(cpu, "bf16"):
+        assert layer(torch.ones(2, 8)).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert layer(torch.ones(2, 8)).dtype == torch.float32
+    assert layer.weight.dtype == torch.float32          # autocast leaves the weights in fp32
 
 
 def test_windows_cut_rows_at_document_boundaries():

@@ -28,7 +28,7 @@ from pipeline.train_loop import METRICS_FILE, PROGRESS_FILE, TrainJob, TrainSett
 class ModelStageKeys:
     workers: int = 2                   # Ray Train workers (DDP ranks)
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0       # > 0: NCCL + bf16 autocast
+    gpus_per_worker: float = 0.0       # > 0: NCCL (and, with precision auto, bf16 autocast)
     train_shards: int | None = None    # use only the first N input shards (by id): appending shards
                                        # then leaves the model, and every stage using it, as they are
     max_failures: int = 2              # Ray Train restarts from the latest checkpoint

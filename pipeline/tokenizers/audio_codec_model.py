@@ -217,7 +217,8 @@ class AudioCodecModel(nn.Module):
     def quantize(self, z):
         """latents (B, D, T) -> quantized (B, D, T), codes (B, levels, T) (-1: a level dropped this step),
         commitment loss (scalar)."""
-        quantized, codes, commit = self.quantizer(z.transpose(1, 2))   # channel-last (B, T, D)
+        with torch.autocast(z.device.type, enabled=False):   # distances, k-means and EMA updates in fp32
+            quantized, codes, commit = self.quantizer(z.float().transpose(1, 2))   # channel-last (B, T, D)
         return quantized.transpose(1, 2), codes.transpose(1, 2), commit.sum()
 
     def forward(self, wav):

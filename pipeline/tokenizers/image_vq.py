@@ -189,8 +189,9 @@ class VQAutoencoder(nn.Module):
     def quantize(self, z):
         """z (B, D, h, w) -> quantized (B, D, h, w), indices (B, h, w), aux loss (scalar)."""
         b, d, h, w = z.shape
-        flat = z.flatten(2).transpose(1, 2)                          # (B, h*w, D), raster order
-        out = self.quantizer(flat)
+        flat = z.float().flatten(2).transpose(1, 2)                  # (B, h*w, D), raster order
+        with torch.autocast(z.device.type, enabled=False):           # distances and codebook updates in fp32
+            out = self.quantizer(flat)
         quantized, indices = out[0], out[1]
         aux = out[2] if len(out) > 2 else flat.new_zeros(())         # fsq has no aux loss
         quantized = quantized.transpose(1, 2).reshape(b, d, h, w)

@@ -181,6 +181,17 @@ def test_holdout_policies():
     assert policy("k", "not a shapes caption") == HoldOut("key", 0.1)("k")      # falls back to the key split
 
 
+def test_held_out_pairs_spread_over_colors_and_kinds():
+    from pipeline.demo.shapes import COLORS, SHAPE_KINDS
+
+    for share in (0.02, 0.1, 0.125):                    # 1, 5 and 6 of the 48 pairs: no color or kind twice
+        pairs = held_out_pairs(share)
+        assert len(pairs) == max(1, round(share * 48))
+        assert len({c for c, _ in pairs}) == len({k for _, k in pairs}) == len(pairs)
+    wide = held_out_pairs(0.25)                          # 12 pairs: more than there are kinds
+    assert len(wide) == 12 and {k for _, k in wide} == set(SHAPE_KINDS) and {c for c, _ in wide} <= set(COLORS)
+
+
 def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
     spec, _ = trained
     speech = shards(spec, "valle") / "tts-00.wav"             # any recording serves as a prompt

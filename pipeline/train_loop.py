@@ -129,7 +129,7 @@ def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, op
         with (contextlib.nullcontext() if sync else net.no_sync()), forward_context:
             loss, stats = task.loss(net, model, batch)
         (loss / len(micro_batches)).backward()
-        for k, v in {**stats, "loss": float(loss)}.items():
+        for k, v in {**stats, "loss": float(loss.detach())}.items():
             totals.setdefault(k, []).append(v)
     torch.nn.utils.clip_grad_norm_(model.parameters(), task.settings.grad_clip)
     optimizer.step()

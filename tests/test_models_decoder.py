@@ -56,6 +56,33 @@ def test_decoder_shapes_backward_and_tied_head(vocab):
     assert model.blocks[1].attn.q.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def test_logits_at_chosen_positions_equal_the_full_forwards(vocab):
+    model = tiny_decoder(vocab)
+    x, doc_ids = tokens(vocab, 2, 9), torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [-1] * 3])
+    only = torch.rand(2, 9, generator=torch.Generator().manual_seed(3)) < 0.5
+    chosen = model(x, doc_ids, only=only)
+    assert chosen.shape == (int(only.sum()), vocab.size)
+    torch.testing.assert_close(chosen, model(x, doc_ids)[only], atol=1e-5, rtol=0)
+
+
+def test_decoder_loss_is_the_mean_over_targets_and_per_task(vocab):
+    from pipeline.models.train_tasks import TASK_NAMES, decoder_loss
+
+    model = tiny_decoder(vocab)
+    x, doc_ids = tokens(vocab, 2, 9), torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [-1] * 3])
+    targets = torch.full((2, 9), -100)
+    targets[0, 1:3], targets[0, 5:8], targets[1, 2:5] = x[0, 2:4], x[0, 6:9], x[1, 3:6]
+    task_ids = torch.where(targets != -100, TASK_NAMES.index("t2i"), -1)
+    task_ids[0, 5:8] = TASK_NAMES.index("i2t")
+    loss, stats = decoder_loss(model, {"tokens": x, "doc_ids": doc_ids, "targets": targets, "task_ids": task_ids})
+    with torch.no_grad():
+        ce = F.cross_entropy(model(x, doc_ids).transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(loss, ce[targets != -100].mean())
+    assert stats["loss_i2t"] == pytest.approx(float(ce[0, 5:8].mean()), abs=1e-5)
+    assert stats["loss_t2i"] == pytest.approx(float(torch.cat([ce[0, 1:3], ce[1, 2:5]]).mean()), abs=1e-5)
+    assert stats["tokens"] == 15
+
+
 def test_kv_cache_matches_full_forward(vocab):
     model = tiny_decoder(vocab)
     x = tokens(vocab, 2, 10)

@@ -114,12 +114,15 @@ class Decoder(nn.Module):
         init_residual_projections(self.blocks)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                only: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
 
         doc_ids None: each row is one document. doc_ids (B, T) (-1: padding): each position sees
         only its own document, positions restart at each document. cache: tokens follow the
-        cached positions (and are added to the cache); doc_ids cannot be combined with it."""
+        cached positions (and are added to the cache); doc_ids cannot be combined with it.
+        only (B, T) bool: logits (N, V) of those N positions alone (training skips the lm head, a
+        third of the compute with a large vocabulary, where no target is)."""
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids cannot be used with a cache: a cache continues one document a row")
@@ -134,7 +137,7 @@ class Decoder(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, layer)
-        return self.head(self.norm(x))                          # (B, T, V)
+        return self.head(self.norm(x if only is None else x[only]))   # (B, T, V) or (N, V)
 
     def image_slot_embedding(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
                              cache: KVCache | None) -> torch.Tensor:

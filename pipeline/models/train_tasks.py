@@ -200,14 +200,14 @@ def decoder_batch(vocab: Vocab, items: list[tuple[random.Random, tuple[dict, lis
 
 def decoder_loss(net, batch: dict) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy over target positions; per-task means and the token count as stats."""
-    logits = net(batch["tokens"], batch["doc_ids"])
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100, reduction="none")
-    counted = batch["targets"].flatten() != -100
+    counted = batch["targets"] != -100
+    logits = net(batch["tokens"], batch["doc_ids"], only=counted)          # (N, V): target positions only
+    ce = F.cross_entropy(logits.float(), batch["targets"][counted], reduction="none")
     loss = ce.sum() / counted.sum().clamp(min=1)
     stats = {"tokens": float((batch["doc_ids"] >= 0).sum())}
-    task_ids = batch["task_ids"].flatten()
+    task_ids = batch["task_ids"][counted]
     for i, name in enumerate(TASK_NAMES):
-        chosen = counted & (task_ids == i)
+        chosen = task_ids == i
         if chosen.any():
             stats[f"loss_{name.replace(':', '_')}"] = float(ce[chosen].detach().mean())
     return loss, stats

@@ -4,7 +4,8 @@
 NCCL on GPU; bf16 autocast where the hardware computes in bf16: see `autocast`), each worker drawing
 its own batches from the task. Every `checkpoint_every` steps rank 0 reports a checkpoint (the task's
 product files, weights and optimizer, step, the metrics so far); a restarted run picks up the latest
-one via `ray.train.get_checkpoint()`. Rank 0 flushes metrics.jsonl to storage every `log_every` steps, so progress is visible while it runs.
+one via `ray.train.get_checkpoint()`. Rank 0 flushes metrics.jsonl to storage every `log_every`
+steps, so progress is visible while it runs.
 """
 from __future__ import annotations
 

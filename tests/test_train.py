@@ -55,7 +55,7 @@ stages:
   sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
               seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
   decoder: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
-            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, {TRAIN}}}
+            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, {TRAIN}}}
   valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
           text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
   parti: {{kind: train, inputs: [sequences], model: {{arch: parti, encoder_layers: 1, decoder_layers: 1, d_model: 64}},
@@ -116,6 +116,24 @@ def test_models_train_report_metrics_and_evaluate(trained):
     assert rate == 24000 and audio.ndim == 1 and np.isfinite(audio).all()
     parti = json.loads((shards(spec, "parti") / "eval.json").read_text())
     assert parti["t2i"]["samples"] == 2
+
+
+def test_documents_longer_than_the_context_are_counted_as_not_trained(trained):
+    """The decoder trains on windows of 40 tokens: every longer t2i / i2t document is a failed sample
+    with its reason (its key kept), and no window holds one."""
+    spec, _ = trained
+    task = training_task(spec, "decoder")
+    lengths = {(key, task_name): length for url in task.files
+               for key, task_name, length in packed_rows.document_index(url)}
+    longer = sum(length > 40 for (_, name), length in lengths.items() if name.removeprefix("cm3:") in ("t2i", "i2t"))
+    marker = StageLedger(Storage(load_job(spec).storage), "decoder").read_markers()["model"]
+    reasons = {r: n for r, n in marker.failures.items() if "longer than context 40" in r}
+    assert longer > 0 and sum(reasons.values()) == longer, (marker.failures, longer)
+    assert set(marker.stats["failed_keys"]) <= {key for key, _ in lengths}
+    batches = task.batches(0, 1, 0)
+    for _ in range(4):
+        batch = next(batches)
+        assert batch["tokens"].shape[1] == 40 and (batch["doc_ids"] >= 0).any()
 
 
 def test_held_out_documents_never_train(trained):

@@ -146,6 +146,14 @@ class TokenModelTask:
         token_model.save(model, self.arch, self.vocab, folder)
 
 
+def over_context(files: list[str], tasks: tuple[str, ...], context: int) -> Iterator[tuple[str, str, int]]:
+    """(key, task, length) of the documents of `tasks` longer than `context`: no window holds them, so
+    they do not train (the stage counts them as failed samples)."""
+    for url in files:
+        yield from ((key, task, length) for key, task, length in packed_rows.document_index(url)
+                    if base_task(task) in tasks and length > context)
+
+
 def windows(row: dict, kept: list[bool], context: int | None) -> Iterator[tuple[dict, list[bool]]]:
     """The row cut at document boundaries into windows of at most `context` tokens (the documents that
     train, greedily in order), each a row of its own, padded to `context`; the whole row when None."""

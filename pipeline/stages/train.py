@@ -18,7 +18,7 @@ from pipeline.data import packed_rows
 from pipeline.ledger import sha256_of
 from pipeline.models import token_model
 from pipeline.models.holdout import POLICIES
-from pipeline.models.train_tasks import TokenModelTask, TokenTrainSettings, base_task
+from pipeline.models.train_tasks import TokenModelTask, TokenTrainSettings, base_task, over_context
 from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, checkpoint_of
 from pipeline.stages.model_stage import ModelStage, model_stage_config
 from pipeline.stages.train_text_tokenizer import text_tokenizer_of
@@ -122,3 +122,6 @@ class Train(ModelStage):
 
         packed_rows.common_vocab(list(work.files), expected=model.vocab.fingerprint)
         evaluate(model, work, self.config, self.tasks, self.storage_root, out, output)
+        context = self.config.context if model.arch == "decoder" else None
+        for key, task, length in over_context(list(work.files), self.tasks, context) if context else ():
+            output.fail(key, f"{base_task(task)} document longer than context {context}: not trained")

@@ -125,7 +125,8 @@ def test_bad_configs_name_the_field(vocab):
     cases = [(DecoderConfig, dict(d_model=100, n_head=3), "d_model"), (DecoderConfig, dict(d_model=96, n_head=32), "d_model"),
              (DecoderConfig, dict(n_layer=0), "n_layer"), (DecoderConfig, dict(dropout=1.0), "dropout"),
              (DecoderConfig, dict(n_head=0), "n_head"), (PartiConfig, dict(encoder_layers=0), "encoder_layers"),
-             (PartiConfig, dict(mlp_ratio=0), "mlp_ratio"), (DecoderConfig, dict(image_positions=-1), "image_positions")]
+             (PartiConfig, dict(mlp_ratio=0), "mlp_ratio"), (DecoderConfig, dict(image_positions=-1), "image_positions"),
+             (DecoderConfig, dict(image_positions=64, image_grid=6), "image_grid")]
     for config, fields, name in cases:
         with pytest.raises(ConfigError) as error:
             config(**fields)
@@ -157,6 +158,11 @@ def test_image_slots_follow_each_documents_boi_in_packing_and_in_the_cache(vocab
     pieces = [model(row[:, :2], cache=cache), model(row[:, 2:4], cache=cache)]
     pieces += [model(row[:, t:t + 1], cache=cache) for t in range(4, 16)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    grid = tiny_decoder(vocab, image_positions=4, image_grid=2, boi_id=boi)     # 2x2: slot 3 is row 1, column 1
+    slots = grid.image_slot_embedding(row, doc_ids, None)
+    torch.testing.assert_close(slots[0, 5], grid.image_slots.weight[3] + grid.image_rows.weight[1] + grid.image_cols.weight[1])
+    torch.testing.assert_close(slots[0, 3], grid.image_slots.weight[1] + grid.image_rows.weight[0] + grid.image_cols.weight[1])
+    assert not slots[0, 6:11].any()
     plain = copy.deepcopy(model)                                 # slot embeddings zeroed: differs only from a <boi> on
     plain.image_slots.weight.data.zero_()
     differs = (plain(row) - full).abs().amax(-1)[0] > 1e-6

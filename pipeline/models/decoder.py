@@ -50,12 +50,18 @@ class DecoderConfig:
     image_positions: int = 0            # learned embeddings of the first N slots after <boi> (an image's
                                         # grid, e.g. 64 for 8x8 codes), so a code knows its row and column
                                         # without counting; 0: none
+    image_grid: int = 0                 # the side of a square grid of image_positions slots (8 for 64): learned
+                                        # row and column embeddings join each slot's, so what "top" or "left"
+                                        # means is learned once for a whole row or column; 0: none
     boi_id: int = -1                    # the <boi> id, set from the vocabulary when image_positions > 0
 
     def __post_init__(self):
         require("DecoderConfig", [("n_layer", self.n_layer > 0, f"must be positive, not {self.n_layer}"),
                                   ("image_positions", self.image_positions >= 0,
                                    f"must be >= 0 (0: none), not {self.image_positions}"),
+                                  ("image_grid", self.image_grid == 0 or self.image_grid ** 2 == self.image_positions,
+                                   f"must be 0 or the side of the image_positions={self.image_positions} slots' square "
+                                   f"grid, not {self.image_grid}"),
                                   *transformer_checks(self)])
 
     @property
@@ -106,6 +112,9 @@ class Decoder(nn.Module):
             require("DecoderConfig", [("boi_id", 0 <= config.boi_id < config.vocab_size,
                                        f"must be the vocabulary's <boi> id when image_positions > 0, not {config.boi_id}")])
             self.image_slots = nn.Embedding(config.image_positions, c.d_model)
+        if config.image_grid:
+            self.image_rows = nn.Embedding(config.image_grid, c.d_model)
+            self.image_cols = nn.Embedding(config.image_grid, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(config.n_layer))
         self.norm = RMSNorm(c.d_model)
@@ -142,8 +151,9 @@ class Decoder(nn.Module):
     def image_slot_embedding(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
                              cache: KVCache | None) -> torch.Tensor:
         """(B, T, C): at <boi> the embedding of slot 0, after image code k that of slot k + 1 (the slot
-        each position predicts), within image_positions of the last <boi> of the same document; 0 elsewhere.
-        With a cache the last <boi> is carried over from the cached positions."""
+        each position predicts; plus its row's and column's with image_grid), within image_positions of
+        the last <boi> of the same document; 0 elsewhere. With a cache the last <boi> is carried over
+        from the cached positions."""
         B, T = tokens.shape
         past = 0 if cache is None else cache.length
         index = torch.arange(past, past + T, device=tokens.device).expand(B, T)
@@ -157,7 +167,11 @@ class Decoder(nn.Module):
             cache.image_start = last[:, -1]
         slot = index - last
         used = (last >= 0) & (slot < self.config.image_positions)
-        return self.image_slots(slot.clamp(0, self.config.image_positions - 1)) * used[..., None]
+        slot = slot.clamp(0, self.config.image_positions - 1)
+        embedding = self.image_slots(slot)
+        if self.config.image_grid:
+            embedding = embedding + self.image_rows(slot // self.config.image_grid) + self.image_cols(slot % self.config.image_grid)
+        return embedding * used[..., None]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)

@@ -169,8 +169,9 @@ class Decoder(nn.Module):
         used = (last >= 0) & (slot < self.config.image_positions)
         slot = slot.clamp(0, self.config.image_positions - 1)
         embedding = self.image_slots(slot)
-        if self.config.image_grid:
-            embedding = embedding + self.image_rows(slot // self.config.image_grid) + self.image_cols(slot % self.config.image_grid)
+        grid = self.config.image_grid
+        if grid:
+            embedding = embedding + self.image_rows(slot // grid) + self.image_cols(slot % grid)
         return embedding * used[..., None]
 
     def new_cache(self) -> KVCache:

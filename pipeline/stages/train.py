@@ -122,6 +122,6 @@ class Train(ModelStage):
 
         packed_rows.common_vocab(list(work.files), expected=model.vocab.fingerprint)
         evaluate(model, work, self.config, self.tasks, self.storage_root, out, output)
-        context = self.config.context if model.arch == "decoder" else None
-        for key, task, length in over_context(list(work.files), self.tasks, context) if context else ():
-            output.fail(key, f"{base_task(task)} document longer than context {context}: not trained")
+        if model.arch == "decoder" and self.config.context:
+            for key, task, _ in over_context(list(work.files), self.tasks, self.config.context):
+                output.fail(key, f"{base_task(task)} document longer than context {self.config.context}: not trained")

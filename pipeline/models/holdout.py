@@ -3,7 +3,8 @@
 `key`: a share of sample keys (the same split every stage uses, shard_stream.is_held_out).
 `combinations`: for captions of the demo shapes corpus, a share of (color, shape kind) pairs is held
 out (no color or kind twice while the share allows), and every caption holding such a pair with it:
-evaluation then asks for attribute combinations the model has never seen. Documents whose text is not a shapes caption fall back to the key split.
+evaluation then asks for attribute combinations the model has never seen. Documents whose text is
+not a shapes caption fall back to the key split.
 """
 from __future__ import annotations
 

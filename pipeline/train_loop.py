@@ -80,20 +80,67 @@ def micro_batches(s: TrainSettings) -> int:
     return getattr(s, "grad_accum", 1)
 
 
-def learning_rate(step: int, s: TrainSettings) -> float:
-    """Linear warmup, then cosine decay to 5% of the peak."""
+def lr_scale(step: int, s: TrainSettings) -> float:
+    """The schedule's share of the peak learning rate: linear warmup, then cosine decay to 5%."""
     if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
+        return (step + 1) / s.warmup_steps
     progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def new_optimizer(model: torch.nn.Module, s: TrainSettings, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases or codebooks' 1-d parameters)."""
+class Optimizers:
+    """Optimizers over disjoint parameters, zeroed, stepped and checkpointed as one."""
+
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+def new_optimizer(model: torch.nn.Module, s: TrainSettings, fused: bool = False) -> torch.optim.Optimizer | Optimizers:
+    """AdamW, weight decay on matrices only (not on norms, biases or codebooks' 1-d parameters). A recipe
+    whose `optimizer` is "muon" trains the transformer blocks' matrices with Muon at `muon_lr` instead
+    (orthogonalised momentum) and the rest (embeddings, the tied head, norms) with AdamW. Each param
+    group keeps its "peak_lr" for the schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.99), fused=fused or None)
+    hidden = blocks_matrices(model) if getattr(s, "optimizer", "adamw") == "muon" else []
+    chosen = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in chosen]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": s.weight_decay, "peak_lr": s.lr},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "peak_lr": s.lr}]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=(0.9, 0.99), fused=fused or None)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([{"params": hidden, "peak_lr": s.muon_lr}], lr=s.muon_lr, weight_decay=s.weight_decay)
+    return Optimizers(muon, adamw)
+
+
+def blocks_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable 2-d weights of the model's transformer blocks (layers.Block): what Muon trains."""
+    from pipeline.models.layers import Block
+
+    found = {id(p): p for block in model.modules() if isinstance(block, Block)
+             for p in block.parameters() if p.dim() == 2 and p.requires_grad}
+    if not found:
+        raise ValueError(f"optimizer muon: {type(model).__name__} has no transformer blocks to train with it")
+    return list(found.values())
 
 
 def cpu_has_bf16() -> bool:
@@ -115,13 +162,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
-def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Optimizers,
                micro_batches: list, step: int, forward_context=contextlib.nullcontext()) -> dict:
     """One optimizer step (0-based `step` sets the learning rate) on the gradients of `micro_batches`
     (averaged; DDP syncs on the last only), forward passes under `forward_context`; the stats, averaged
     ("tokens" summed)."""
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(step, task.settings)
+        group["lr"] = group["peak_lr"] * lr_scale(step, task.settings)
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, list[float]] = {}
     for i, batch in enumerate(micro_batches):
@@ -165,7 +212,7 @@ def train_loop(config: dict) -> None:
         timing = {"step_seconds": took, "data_wait": waited / took}
         if "tokens" in stats:                      # every rank trains on as many tokens, about
             timing["tokens_per_s"] = stats.pop("tokens") * world / took
-        history.append({"step": step + 1, "lr": round(learning_rate(step, s), 8), **_rounded({**stats, **timing}),
+        history.append({"step": step + 1, "lr": round(s.lr * lr_scale(step, s), 8), **_rounded({**stats, **timing}),
                         "seconds": round(time.time() - started, 3)})
         last = step + 1 == s.steps
         if rank == 0:

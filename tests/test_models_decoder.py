@@ -324,3 +324,44 @@ def test_generate_image(vocab):
     image = vocab.range("image")
     expected = guide(logit(cond_text), logit(empty_text), 3.0)[image.offset:image.offset + image.size].argmax()
     assert generate_image(model, vocab, [3, 9, 4], 1, temperature=0, cfg_scale=3.0).item() == expected.item()
+
+
+def test_muon_trains_the_blocks_matrices_and_its_state_resumes_exactly(vocab):
+    from pipeline.models.train_tasks import TokenTrainSettings
+    from pipeline.train_loop import lr_scale, new_optimizer
+
+    settings = TokenTrainSettings(optimizer="muon", lr=1e-3, muon_lr=0.02, steps=8, warmup_steps=2)
+    torch.manual_seed(0)
+    net = Decoder(DecoderConfig(vocab_size=vocab.size, n_layer=2, n_head=2, d_model=32, image_positions=4,
+                                image_grid=2, boi_id=vocab.special("<boi>")))
+    optimizer = new_optimizer(net, settings)
+    muon, adamw = optimizer.parts
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for block in net.blocks for p in block.parameters() if p.dim() == 2}
+    assert not muon_ids & adamw_ids and muon_ids | adamw_ids == {id(p) for p in net.parameters()}
+    assert id(net.embed.weight) in adamw_ids and id(net.image_rows.weight) in adamw_ids   # tables stay AdamW's
+    tokens = torch.randint(0, vocab.size, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def train(net, optimizer, steps):
+        for step in steps:
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lr_scale(step, settings)
+            optimizer.zero_grad()
+            F.cross_entropy(net(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            optimizer.step()
+
+    train(net, optimizer, range(3))
+    saved = copy.deepcopy({"model": net.state_dict(), "optimizer": optimizer.state_dict()})
+    train(net, optimizer, range(3, 6))
+    resumed = Decoder(net.config)
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer = new_optimizer(resumed, settings)
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    train(resumed, resumed_optimizer, range(3, 6))
+    for a, b in zip(net.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)            # momentum and Adam moments came back with the weights
+    assert [g["lr"] for g in resumed_optimizer.param_groups] == pytest.approx(
+        [0.02 * lr_scale(5, settings), 1e-3 * lr_scale(5, settings), 1e-3 * lr_scale(5, settings)])
+    with pytest.raises(ValueError, match="optimizer muon: Linear has no transformer blocks"):
+        new_optimizer(torch.nn.Linear(4, 4), settings)

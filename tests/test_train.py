@@ -55,7 +55,7 @@ stages:
   sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
               seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
   decoder: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
-            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, {TRAIN}}}
+            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, optimizer: muon, {TRAIN}}}
   valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
           text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
   parti: {{kind: train, inputs: [sequences], model: {{arch: parti, encoder_layers: 1, decoder_layers: 1, d_model: 64}},
@@ -280,7 +280,7 @@ def test_resume_after_the_driver_is_killed(trained, ray_address):
     spec, _ = trained
     spec.write_text(spec.read_text() + f"""\
   long: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i], steps: 150, batch_size: 1, lr: 0.003,
-         warmup_steps: 3, checkpoint_every: 10, eval_documents: 4, eval_samples: 0}}
+         optimizer: muon, warmup_steps: 3, checkpoint_every: 10, eval_documents: 4, eval_samples: 0}}
 """)
     assert_resumes_after_kill(spec, "long", "model", 150, 10, ray_address)
     metrics = [json.loads(line) for line in (shards(spec, "long") / "metrics.jsonl").read_text().splitlines()]
@@ -302,6 +302,7 @@ def test_train_spec_errors_name_the_key(tmp_path):
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, holdout: combinations}\n": ("stages.m.text_tokenizer", "required"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, precision: fp16}\n": ("stages.m.precision", "fp16"),
         "  m: {kind: train-image-tokenizer, inputs: [packed], precision: half}\n": ("stages.m.precision", "half"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, optimizer: sgd}\n": ("stages.m.optimizer", "sgd"),
     }
     for stage, (where, words) in cases.items():
         with pytest.raises(SpecError) as error:

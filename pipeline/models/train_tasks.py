@@ -38,6 +38,8 @@ class TokenTrainSettings(TrainSettings):
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1
+    optimizer: str = "adamw"           # adamw | muon: Muon on the transformer blocks' matrices (train_loop.new_optimizer)
+    muon_lr: float = 0.02              # Muon's peak learning rate (lr stays AdamW's, for the other parameters)
     shuffle_buffer: int = 64           # items shuffled per worker
     cfg_dropout: float = 0.1           # share of t2i captions blanked to <pad> (classifier-free guidance)
     context: int | None = None         # decoder: train on windows of this many tokens cut from the rows at

@@ -22,6 +22,7 @@ import torch
 
 from pipeline import telemetry
 from pipeline.data.shard_stream import prefetched
+from pipeline.models.layers import Block
 from pipeline.storage import Storage
 
 STATE_FILE = "state.pt"
@@ -134,13 +135,11 @@ def new_optimizer(model: torch.nn.Module, s: TrainSettings, fused: bool = False)
 
 def blocks_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable 2-d weights of the model's transformer blocks (layers.Block): what Muon trains."""
-    from pipeline.models.layers import Block
-
-    found = {id(p): p for block in model.modules() if isinstance(block, Block)
-             for p in block.parameters() if p.dim() == 2 and p.requires_grad}
+    found = [p for block in model.modules() if isinstance(block, Block)
+             for p in block.parameters() if p.dim() == 2 and p.requires_grad]
     if not found:
         raise ValueError(f"optimizer muon: {type(model).__name__} has no transformer blocks to train with it")
-    return list(found.values())
+    return found
 
 
 def cpu_has_bf16() -> bool:
@@ -167,8 +166,9 @@ def train_step(task: TrainTask, net: torch.nn.Module, model: torch.nn.Module, op
     """One optimizer step (0-based `step` sets the learning rate) on the gradients of `micro_batches`
     (averaged; DDP syncs on the last only), forward passes under `forward_context`; the stats, averaged
     ("tokens" summed)."""
+    scale = lr_scale(step, task.settings)
     for group in optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * lr_scale(step, task.settings)
+        group["lr"] = group["peak_lr"] * scale
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, list[float]] = {}
     for i, batch in enumerate(micro_batches):

@@ -1,6 +1,7 @@
 """The token models on tiny configs: Decoder (packing masks, KV cache), sampling, Parti."""
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -328,7 +329,7 @@ def test_generate_image(vocab):
 
 def test_muon_trains_the_blocks_matrices_and_its_state_resumes_exactly(vocab):
     from pipeline.models.train_tasks import TokenTrainSettings
-    from pipeline.train_loop import lr_scale, new_optimizer
+    from pipeline.train_loop import lr_scale, new_optimizer, train_step
 
     settings = TokenTrainSettings(optimizer="muon", lr=1e-3, muon_lr=0.02, steps=8, warmup_steps=2)
     torch.manual_seed(0)
@@ -343,13 +344,12 @@ def test_muon_trains_the_blocks_matrices_and_its_state_resumes_exactly(vocab):
     assert id(net.embed.weight) in adamw_ids and id(net.image_rows.weight) in adamw_ids   # tables stay AdamW's
     tokens = torch.randint(0, vocab.size, (3, 12), generator=torch.Generator().manual_seed(1))
 
+    task = SimpleNamespace(settings=settings, loss=lambda net, model, batch: (
+        F.cross_entropy(net(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()), {}))
+
     def train(net, optimizer, steps):
         for step in steps:
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * lr_scale(step, settings)
-            optimizer.zero_grad()
-            F.cross_entropy(net(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
-            optimizer.step()
+            train_step(task, net, net, optimizer, [tokens], step)
 
     train(net, optimizer, range(3))
     saved = copy.deepcopy({"model": net.state_dict(), "optimizer": optimizer.state_dict()})

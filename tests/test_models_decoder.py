@@ -170,6 +170,39 @@ def test_image_slots_follow_each_documents_boi_in_packing_and_in_the_cache(vocab
     assert not differs[:2].any() and differs[2]
 
 
+
+def test_image_code_digits_add_each_fsq_digits_embedding_to_image_codes_alone():
+    from vector_quantize_pytorch import FSQ
+
+    levels = (4, 3)                                             # 12 codes, numbered as the library's FSQ numbers them
+    vocab = vocab_module.build(text_size=50, image_codes=12)
+    start = vocab.range("image").offset
+    model = tiny_decoder(vocab, image_code_digits=True, image_code_levels=levels, image_code_start=start).train()
+    table, digit = model.token_table(), model.code_digits.embed.weight
+    torch.testing.assert_close(table[:start], model.embed.weight[:start])          # text and specials untouched
+    torch.testing.assert_close(table[start + 12:], model.embed.weight[start + 12:])
+    level_indices = FSQ(levels=list(levels)).indices_to_level_indices(torch.arange(12))    # (12, 2)
+    for code, digits in enumerate(level_indices.tolist()):
+        rows = [digits[0], 4 + digits[1]]                                        # each level's own table rows
+        torch.testing.assert_close(table[start + code], model.embed.weight[start + code] + digit[rows].sum(0))
+    plain = tiny_decoder(vocab)                                  # the same weights without the digits
+    assert plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys == ["code_digits.embed.weight"]
+    text = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():                                        # tied: only the image codes' output rows change
+        differs = (model(text) - plain(text)).abs().amax(dim=(0, 1)) > 1e-6
+    assert differs[start:start + 12].all() and not differs[:start].any() and not differs[start + 12:].any()
+    x = torch.tensor([[1, start + 5, start + 11, 2]])
+    logits = model(x)
+    F.cross_entropy(logits[0, :-1], x[0, 1:]).backward()
+    assert digit.grad.abs().sum() > 0                           # they train
+    for fields, name in ((dict(image_code_digits=True), "image_code_levels"),
+                         (dict(image_code_digits=True, image_code_levels=levels, image_code_start=vocab.size - 4),
+                          "image_code_start"), (dict(image_code_levels=(4, 1)), "image_code_levels")):
+        with pytest.raises(ConfigError) as error:
+            tiny_decoder(vocab, **fields)
+        assert error.value.field == name, fields
+
+
 # ---- sampling -----------------------------------------------------------------------------------
 
 def naive_greedy(model, prompt, n, uncond=None, scale=1.0):

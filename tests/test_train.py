@@ -21,6 +21,8 @@ from pipeline.models import token_model
 from pipeline.models.holdout import HoldOut, held_out_pairs
 from pipeline.models.train_tasks import TASK_NAMES, decoder_batch
 from pipeline.spec import SpecError, load_job, parse_job
+from pipeline.stages.base import checkpoint_of
+from pipeline.stages.train import TrainWork, image_code_levels
 from pipeline.storage import Storage
 from pipeline.tokenizers import audio_codec_model, image_vq
 from pipeline.tokenizers.audio_codec_model import AudioCodecModel, CodecModelConfig
@@ -29,13 +31,14 @@ from pipeline.workflow import Planner, run
 
 TRAIN = "steps: 6, batch_size: 2, warmup_steps: 2, checkpoint_every: 3, log_every: 2, eval_documents: 24, eval_samples: 2"
 DECODER = "{arch: decoder, n_layer: 2, n_head: 4, d_model: 64}"
+DIGITS_DECODER = "{arch: decoder, n_layer: 2, n_head: 4, d_model: 64, image_code_digits: true}"
 
 
 def write_job(folder: Path, site: str, extra: str = "") -> Path:
     """40 shapes images and 24 demo utterances, untrained tiny tokenizers, packed; three tiny models."""
     torch.manual_seed(0)
-    vq = image_vq.save(image_vq.VQAutoencoder(image_vq.VQConfig(image_size=32, channels=8, codebook_size=256,
-                                                                latent_dim=16, kmeans_init=False)), folder / "vq")
+    vq = image_vq.save(image_vq.VQAutoencoder(image_vq.VQConfig(image_size=32, channels=8, quantizer="fsq",
+                                                                codebook_size=256, latent_dim=16)), folder / "vq")
     codec = audio_codec_model.save(AudioCodecModel(CodecModelConfig(channels=4, max_channels=16, latent_dim=16,
                                                                     codebook_dim=16, codebook_size=64, levels=2)),
                                    folder / "codec")
@@ -54,7 +57,7 @@ stages:
   text-bpe: {{kind: train-text-tokenizer, inputs: [images, speech], vocab_size: 400}}
   sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
               seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
-  decoder: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
+  decoder: {{kind: train, inputs: [sequences], model: {DIGITS_DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
             image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, optimizer: muon, {TRAIN}}}
   valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
           text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
@@ -108,6 +111,9 @@ def test_models_train_report_metrics_and_evaluate(trained):
     assert {"fidelity_color", "fidelity_kind", "fidelity_position", "fidelity_color_and_kind"} <= set(decoder["t2i"])
     assert decoder["i2t"]["samples"] == 2 and "i2t_fidelity_color" in decoder["i2t"]
     assert "fidelity_color" in marker_stats(spec, "decoder")                   # the summary carries them
+    digits = token_model.load(shards(spec, "decoder"))             # FSQ 8x6x5 image codes: digit embeddings
+    assert tuple(digits.config.image_code_levels) == (8, 6, 5)
+    assert digits.config.image_code_start == digits.vocab.range("image").offset
     pngs = sorted(shards(spec, "decoder").glob("t2i-*.png"))
     assert len(pngs) == 2 and all(Image.open(png).size == (32, 32) for png in pngs)
     valle = json.loads((shards(spec, "valle") / "eval.json").read_text())
@@ -254,16 +260,27 @@ def test_bad_input_is_refused_with_a_clear_message(trained, ray_address, tmp_pat
     model = token_model.load(shards(spec, "decoder"))
     other = build_vocab(text_size=5, image_codes=4)
     token_model.save(model.net, "decoder", other, tmp_path / "foreign")
+    plain_vq = image_vq.save(image_vq.VQAutoencoder(image_vq.VQConfig(image_size=32, channels=8, codebook_size=256,
+                                                                      latent_dim=16, kmeans_init=False)), tmp_path / "vq")
     (tmp_path / "job.yaml").write_text(spec.read_text() + f"""\
   foreign: {{kind: train, inputs: [sequences], model: {DECODER}, pretrained: "{tmp_path / 'foreign'}"}}
   greedy: {{kind: train, inputs: [sequences], model: {DECODER}, workers: 3, {TRAIN}}}
+  plain-vq: {{kind: train-image-tokenizer, pretrained: "{plain_vq}", eval_images: 4}}
+  digits-elsewhere: {{kind: train, inputs: [sequences], model: {DIGITS_DECODER}, image_tokenizer: plain-vq, {TRAIN}}}
 """)
-    results = {r.name: r for r in run(load_job(tmp_path / "job.yaml"), stages=["foreign", "greedy"], address=ray_address)}
-    assert results["foreign"].failed_shards == 1 and results["greedy"].failed_shards == 1
+    stages = ["foreign", "greedy", "plain-vq", "digits-elsewhere"]
+    results = {r.name: r for r in run(load_job(tmp_path / "job.yaml"), stages=stages, address=ray_address)}
+    assert [results[s].failed_shards for s in stages] == [1, 1, 0, 1]
     foreign = StageLedger(storage, "foreign").read_markers()["model"].error
     assert other.fingerprint[:16] in foreign and model.vocab.fingerprint[:16] in foreign
     greedy = StageLedger(storage, "greedy").read_markers()["model"].error
     assert "requests 3 workers x 1 CPU = 3 CPU; the cluster has 2 CPU" in greedy
+    elsewhere = StageLedger(storage, "digits-elsewhere").read_markers()["model"].error
+    assert "image_code_digits: the image_tokenizer stage did not make the packed shards' image codes" in elsewhere
+    plain = checkpoint_of(Planner(load_job(tmp_path / "job.yaml")).built_shards("plain-vq"))
+    with pytest.raises(ValueError, match="image_code_digits needs an FSQ image tokenizer, not a 'vq' one"):
+        image_code_levels(TrainWork((), None, plain, None), build_vocab(text_size=5, image_codes=256,
+                                                                         image_source=plain.digest))
     # an id outside the vocabulary names the shard and the row
     bad = tmp_path / "bad.parquet"
     good = next(iter(Planner(job).built_shards("sequences").values())).files[0]
@@ -303,6 +320,8 @@ def test_train_spec_errors_name_the_key(tmp_path):
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, precision: fp16}\n": ("stages.m.precision", "fp16"),
         "  m: {kind: train-image-tokenizer, inputs: [packed], precision: half}\n": ("stages.m.precision", "half"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, optimizer: sgd}\n": ("stages.m.optimizer", "sgd"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder, image_code_digits: true}}\n":
+            ("stages.m.image_tokenizer", "image_code_digits"),
     }
     for stage, (where, words) in cases.items():
         with pytest.raises(SpecError) as error:

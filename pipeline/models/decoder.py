@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.models.layers import Block, KVCache, RMSNorm, TransformerConfig, document_mask, init_weights, rotary
 from pipeline.tokenizers.config_checks import require
@@ -54,6 +55,11 @@ class DecoderConfig:
                                         # row and column embeddings join each slot's, so what "top" or "left"
                                         # means is learned once for a whole row or column; 0: none
     boi_id: int = -1                    # the <boi> id, set from the vocabulary when image_positions > 0
+    image_code_digits: bool = False     # an FSQ image code's embedding (and, tied, its output row) also sums one
+                                        # learned embedding per digit of the code, so codes that share a level
+                                        # (a hue, an edge) share what is learned about it, rare codes included
+    image_code_levels: tuple[int, ...] = ()   # the FSQ levels (8, 5, 5, 5), set from the image tokenizer
+    image_code_start: int = -1          # the first image-code id, set from the vocabulary
 
     def __post_init__(self):
         require("DecoderConfig", [("n_layer", self.n_layer > 0, f"must be positive, not {self.n_layer}"),
@@ -62,6 +68,8 @@ class DecoderConfig:
                                   ("image_grid", self.image_grid == 0 or self.image_grid ** 2 == self.image_positions,
                                    f"must be 0 or the side of the image_positions={self.image_positions} slots' square "
                                    f"grid, not {self.image_grid}"),
+                                  ("image_code_levels", all(n > 1 for n in self.image_code_levels),
+                                   f"must be FSQ levels (each > 1), not {self.image_code_levels}"),
                                   *transformer_checks(self)])
 
     @property
@@ -102,6 +110,31 @@ def lm_head(embed: nn.Embedding, tie: bool) -> nn.Linear:
     return head
 
 
+class CodeDigits(nn.Module):
+    """(V, C) additions to the embedding table: on each FSQ image code the sum of one learned embedding
+    per digit of it (mixed radix, first level least significant, as vector_quantize_pytorch's FSQ
+    numbers codes); zero on every other id."""
+
+    def __init__(self, levels: tuple[int, ...], start: int, vocab_size: int, d_model: int):
+        super().__init__()
+        codes = math.prod(levels)
+        require("DecoderConfig", [("image_code_levels", len(levels) > 0, "must be set (from an FSQ image tokenizer) "
+                                   "with image_code_digits"),
+                                  ("image_code_start", 0 <= start and start + codes <= vocab_size,
+                                   f"must place {codes} image codes inside the vocabulary of {vocab_size}, not {start}")])
+        self.start, self.vocab_size = start, vocab_size
+        self.embed = nn.Embedding(sum(levels), d_model)
+        code = torch.arange(codes)[:, None]
+        basis = torch.tensor([math.prod(levels[:d]) for d in range(len(levels))])
+        offsets = torch.tensor([sum(levels[:d]) for d in range(len(levels))])
+        self.register_buffer("digit_ids", code // basis % torch.tensor(levels) + offsets, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        sums = self.embed(self.digit_ids).sum(dim=1)            # (codes, C)
+        after = self.vocab_size - self.start - len(sums)
+        return F.pad(sums, (0, 0, self.start, after))
+
+
 class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -115,6 +148,8 @@ class Decoder(nn.Module):
         if config.image_grid:
             self.image_rows = nn.Embedding(config.image_grid, c.d_model)
             self.image_cols = nn.Embedding(config.image_grid, c.d_model)
+        if config.image_code_digits:
+            self.code_digits = CodeDigits(config.image_code_levels, config.image_code_start, config.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(config.n_layer))
         self.norm = RMSNorm(c.d_model)
@@ -140,13 +175,21 @@ class Decoder(nn.Module):
             mask, default_positions = causal_inputs(tokens, cache)
         positions = default_positions if positions is None else positions
         rope = rotary(positions, self.config.transformer.head_size, self.config.rope_base)
-        x = self.embed(tokens)                                  # (B, T, C)
+        table = self.token_table()                              # (V, C)
+        x = F.embedding(tokens, table)                          # (B, T, C)
         if self.config.image_positions:
             x = x + self.image_slot_embedding(tokens, doc_ids, cache)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, layer)
-        return self.head(self.norm(x if only is None else x[only]))   # (B, T, V) or (N, V)
+        x = self.norm(x if only is None else x[only])
+        return F.linear(x, table) if self.config.tie_embeddings else self.head(x)   # (B, T, V) or (N, V)
+
+    def token_table(self) -> torch.Tensor:
+        """(V, C) every id's embedding: the embedding table, plus the digits' sums on image codes."""
+        if not self.config.image_code_digits:
+            return self.embed.weight
+        return self.embed.weight + self.code_digits()
 
     def image_slot_embedding(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None,
                              cache: KVCache | None) -> torch.Tensor:

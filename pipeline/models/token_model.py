@@ -57,8 +57,9 @@ def check_model_keys(model: dict) -> None:
     config(**{k: v for k, v in model.items() if k != "arch"})
 
 
-def model_config(model: dict, vocab: Vocab):
-    """The arch's config for the spec's `model:` mapping, sized from `vocab`."""
+def model_config(model: dict, vocab: Vocab, image_code_levels: tuple[int, ...] = ()):
+    """The arch's config for the spec's `model:` mapping, sized from `vocab` (and, for a decoder with
+    image_code_digits, from the FSQ levels of the image tokenizer that made its image codes)."""
     check_model_keys(model)
     cls = arch(model["arch"]).config
     sizes = {"vocab_size": vocab.size}
@@ -69,6 +70,8 @@ def model_config(model: dict, vocab: Vocab):
         sizes.update(n_q=len(audio), codebook_size=audio[0].size)
     if model["arch"] == "decoder" and model.get("image_positions"):
         sizes["boi_id"] = vocab.special("<boi>")
+    if model["arch"] == "decoder" and model.get("image_code_digits"):
+        sizes.update(image_code_levels=tuple(image_code_levels), image_code_start=vocab.range("image").offset)
     return cls(**{k: v for k, v in model.items() if k != "arch"}, **sizes)
 
 

@@ -21,9 +21,11 @@ from pipeline.models.holdout import POLICIES
 from pipeline.models.train_tasks import TokenModelTask, TokenTrainSettings, base_task, over_context
 from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, checkpoint_of
 from pipeline.stages.model_stage import ModelStage, model_stage_config
+from pipeline.stages.tokenize_images import load_tokenizer
 from pipeline.stages.train_text_tokenizer import text_tokenizer_of
 from pipeline.storage import Checkpoint
 from pipeline.tokenizers.config_checks import ConfigError
+from pipeline.tokenizers.image_vq import FSQ_LEVELS
 from pipeline.tokenizers.text_tokenizer import TextTokenizer
 
 
@@ -54,6 +56,18 @@ class TrainWork:
     codec: Checkpoint | None
 
 
+def image_code_levels(work: TrainWork, vocab) -> tuple[int, ...]:
+    """The FSQ levels of the image tokenizer that made the shards' image codes (model.image_code_digits)."""
+    if not vocab.has("image") or vocab.range("image").source != work.image_tokenizer.digest:
+        raise ValueError("model.image_code_digits: the image_tokenizer stage did not make the packed shards' image "
+                         f"codes (its digest {work.image_tokenizer.digest[:12]}, the shards' "
+                         f"{vocab.range('image').source[:12] if vocab.has('image') else 'none: no image range'})")
+    config = load_tokenizer(work.image_tokenizer).config
+    if config.quantizer != "fsq":
+        raise ValueError(f"model.image_code_digits needs an FSQ image tokenizer, not a {config.quantizer!r} one")
+    return FSQ_LEVELS[config.codebook_size]
+
+
 class Train(ModelStage):
     kind = "train"
     version = 1
@@ -77,6 +91,8 @@ class Train(ModelStage):
         problems = []
         if config.holdout not in POLICIES:
             problems.append(SpecProblem(("holdout",), f"must be one of {', '.join(POLICIES)}, not {config.holdout!r}"))
+        if config.model.get("image_code_digits") and not config.image_tokenizer:
+            problems.append(SpecProblem(("image_tokenizer",), "is required by model.image_code_digits (the FSQ levels)"))
         if config.holdout == "combinations" and not config.text_tokenizer:
             problems.append(SpecProblem(("text_tokenizer",), "is required by holdout: combinations (captions)"))
         takes = token_model.arch(config.model["arch"]).tasks
@@ -99,7 +115,8 @@ class Train(ModelStage):
 
     def task(self, work: TrainWork) -> TokenModelTask:
         vocab = packed_rows.common_vocab(list(work.files))
-        config = token_model.model_config(self.config.model, vocab)
+        levels = image_code_levels(work, vocab) if self.config.model.get("image_code_digits") else ()
+        config = token_model.model_config(self.config.model, vocab, levels)
         return TokenModelTask(self.config.model["arch"], config, self.settings, list(work.files),
                               json.dumps(vocab.to_json()), self.tasks, work.text)
 

@@ -17,7 +17,7 @@ from pipeline.data.image_shards import ImageSample, iter_samples, to_tensor
 from pipeline.data.shard_stream import prefetched
 from pipeline.stages.base import ActorStage, ShardInput, ShardOutput, TokenizeWork, tokenize_inputs
 from pipeline.storage import Checkpoint
-from pipeline.tokenizers import image_vq
+from pipeline.tokenizers import image_vq, model_files
 
 SCHEMA = "image_tokens"
 
@@ -31,10 +31,18 @@ class TokenizeImagesConfig:
     prefetch: int = 256                  # decoded images kept ready per actor
 
 
+CACHE_KIND = "image-tokenizers"  # the cache folder image tokenizer checkpoints are fetched into
+
+
 @lru_cache(maxsize=2)
 def load_tokenizer(tokenizer: Checkpoint, device: str = "cpu") -> image_vq.VQAutoencoder:
     """The checkpoint as a model in eval mode, fetched once per machine into the cache."""
-    return image_vq.load(tokenizer.local("image-tokenizers"), device=device)
+    return image_vq.load(tokenizer.local(CACHE_KIND), device=device)
+
+
+def tokenizer_config(tokenizer: Checkpoint) -> image_vq.VQConfig:
+    """The checkpoint's config alone (its config.json), without building the model."""
+    return model_files.load_config(image_vq.VQConfig, tokenizer.local(CACHE_KIND))
 
 
 class TokenizeImages(ActorStage):

@@ -21,7 +21,7 @@ from pipeline.models.holdout import POLICIES
 from pipeline.models.train_tasks import TokenModelTask, TokenTrainSettings, base_task, over_context
 from pipeline.stages.base import ShardInput, ShardOutput, SpecProblem, checkpoint_of
 from pipeline.stages.model_stage import ModelStage, model_stage_config
-from pipeline.stages.tokenize_images import load_tokenizer
+from pipeline.stages.tokenize_images import tokenizer_config
 from pipeline.stages.train_text_tokenizer import text_tokenizer_of
 from pipeline.storage import Checkpoint
 from pipeline.tokenizers.config_checks import ConfigError
@@ -62,7 +62,7 @@ def image_code_levels(work: TrainWork, vocab) -> tuple[int, ...]:
         raise ValueError("model.image_code_digits: the image_tokenizer stage did not make the packed shards' image "
                          f"codes (its digest {work.image_tokenizer.digest[:12]}, the shards' "
                          f"{vocab.range('image').source[:12] if vocab.has('image') else 'none: no image range'})")
-    config = load_tokenizer(work.image_tokenizer).config
+    config = tokenizer_config(work.image_tokenizer)
     if config.quantizer != "fsq":
         raise ValueError(f"model.image_code_digits needs an FSQ image tokenizer, not a {config.quantizer!r} one")
     return FSQ_LEVELS[config.codebook_size]

@@ -1,5 +1,6 @@
 """The token models on tiny configs: Decoder (packing masks, KV cache), sampling, Parti."""
 import copy
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -288,6 +289,23 @@ def test_classifier_free_guidance(vocab):
     unconditional = generate(model, prompt, 6, temperature=0, cfg_scale=0.0, uncond_prompt=empty)
     assert torch.equal(unconditional, generate(model, empty, 6, temperature=0))     # scale 0: the uncond stream alone
     assert not torch.equal(unconditional, plain)
+
+
+def test_image_to_text_samples_text_ids_up_to_eos(vocab):
+    from pipeline.models.samplers import SamplingSettings, image_to_text
+    from pipeline.models.token_model import TokenModel
+
+    model = TokenModel("decoder", tiny_decoder(vocab, tie_embeddings=False), vocab)
+    image, text, eos = np.arange(4) % 16, vocab.range("text"), vocab.special("<eos>")
+    prompt = torch.tensor([[vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>"),
+                            *vocab.to_global("image", image).tolist(), vocab.special("<eoi>")]])
+    unrestricted = generate(model.net, prompt, 6, temperature=0)[0].tolist()
+    assert not all(text.offset <= t < text.offset + text.size for t in unrestricted)   # the untrained model strays
+    caption = image_to_text(model, image, 6, SamplingSettings(temperature=0))
+    restricted = generate(model.net, prompt, 6, allowed=(text.offset, text.offset + text.size), stop=eos,
+                          temperature=0)[0].tolist()
+    assert caption == [t - text.offset for t in itertools.takewhile(lambda t: t != eos, restricted)]
+    assert len(caption) == 6 and all(0 <= t < text.size for t in caption)
 
 
 # ---- Parti --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ local to their vocabulary range (text, image, phoneme, audio codes), as the toke
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,22 +65,18 @@ def text_to_image(model: TokenModel, text: list[int], tokens: int, s: SamplingSe
 
 
 def image_to_text(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0) -> list[int]:
-    """Caption text ids for local image codes: sampled up to <eos> (or max_tokens), text ids kept."""
+    """Caption text ids for local image codes, sampled from text ids only, up to <eos> (or max_tokens)."""
     require_task(model, "i2t")
     from pipeline.models.sampling import generate
 
     vocab = model.vocab
     prompt = _ids([vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>")],
                   vocab.to_global("image", image), [vocab.special("<eoi>")])
-    new = generate(model.net, prompt, max_tokens, stop=vocab.special("<eos>"), temperature=s.temperature,
-                   top_k=s.top_k, top_p=s.top_p, generator=s.generator(salt))[0].numpy()
     text = vocab.range("text")
-    caption = []
-    for token in new:
-        if not text.offset <= token < text.offset + text.size:
-            break
-        caption.append(int(token - text.offset))
-    return caption
+    new = generate(model.net, prompt, max_tokens, allowed=(text.offset, text.offset + text.size),
+                   stop=vocab.special("<eos>"), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                   generator=s.generator(salt))[0].numpy()
+    return [int(token - text.offset) for token in itertools.takewhile(lambda t: t != vocab.special("<eos>"), new)]
 
 
 def text_to_speech(model: TokenModel, phonemes: list[int], prompt: np.ndarray, max_frames: int,

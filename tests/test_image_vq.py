@@ -94,3 +94,21 @@ def test_psnr_and_ssim_on_unit_range():
     noisy = (a + 0.1).clamp(0, 1)
     assert 15 < psnr(a, noisy) < 30  # error at most 0.1 of the data range 1: at least 20 dB
     assert ssim(a, noisy) < 1
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+def test_quantizer_runs_in_fp32_under_bf16_autocast(quantizer):
+    torch.manual_seed(0)
+    model = VQAutoencoder(VQConfig(**{**TINY, "quantizer": quantizer}))
+    images = shapes_batch(2)
+    model(images)                                             # vq: the k-means init
+    model.eval()
+    seen = []
+    model.quantizer.register_forward_pre_hook(lambda module, args: seen.append(
+        (args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.encoder(images)
+        quantized, indices, _ = model.quantize(z)
+    assert z.dtype == torch.bfloat16                          # the convolutions did autocast
+    assert seen == [(torch.float32, False)] and quantized.dtype == torch.float32
+    assert torch.equal(indices, model.quantize(z.float())[1])  # the same codes as an fp32 call

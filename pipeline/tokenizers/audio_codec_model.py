@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.tokenizers import model_files
 from pipeline.tokenizers.config_checks import require
+from pipeline.tokenizers.fp32_quantizer import quantize_fp32
 
 STFT_RESOLUTIONS = ((512, 128), (1024, 256), (2048, 512))   # (n_fft, hop) of the multi-resolution STFT loss
 MEL_BANDS = 80                                              # log-mel loss, on the 1024-point STFT
@@ -217,8 +218,7 @@ class AudioCodecModel(nn.Module):
     def quantize(self, z):
         """latents (B, D, T) -> quantized (B, D, T), codes (B, levels, T) (-1: a level dropped this step),
         commitment loss (scalar)."""
-        with torch.autocast(z.device.type, enabled=False):   # distances, k-means and EMA updates in fp32
-            quantized, codes, commit = self.quantizer(z.float().transpose(1, 2))   # channel-last (B, T, D)
+        quantized, codes, commit = quantize_fp32(self.quantizer, z.transpose(1, 2))   # channel-last (B, T, D)
         return quantized.transpose(1, 2), codes.transpose(1, 2), commit.sum()
 
     def forward(self, wav):

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.tokenizers import model_files
 from pipeline.tokenizers.config_checks import require
+from pipeline.tokenizers.fp32_quantizer import quantize_fp32
 
 QUANTIZERS = ("vq", "fsq", "lfq")
 NORMS = ("group", "layer", "none")
@@ -189,11 +190,10 @@ class VQAutoencoder(nn.Module):
     def quantize(self, z):
         """z (B, D, h, w) -> quantized (B, D, h, w), indices (B, h, w), aux loss (scalar)."""
         b, d, h, w = z.shape
-        flat = z.float().flatten(2).transpose(1, 2)                  # (B, h*w, D), raster order
-        with torch.autocast(z.device.type, enabled=False):           # distances and codebook updates in fp32
-            out = self.quantizer(flat)
+        flat = z.flatten(2).transpose(1, 2)                          # (B, h*w, D), raster order
+        out = quantize_fp32(self.quantizer, flat)
         quantized, indices = out[0], out[1]
-        aux = out[2] if len(out) > 2 else flat.new_zeros(())         # fsq has no aux loss
+        aux = out[2] if len(out) > 2 else quantized.new_zeros(())    # fsq has no aux loss
         quantized = quantized.transpose(1, 2).reshape(b, d, h, w)
         return quantized, indices.reshape(b, h, w), aux.sum()
 

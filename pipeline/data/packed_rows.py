@@ -49,34 +49,32 @@ def common_vocab(urls: list[str], expected: str | None = None) -> Vocab:
     return vocab
 
 
-def iter_rows(url: str, vocab_size: int | None = None) -> Iterator[dict]:
-    """Rows of a packed shard as dicts of COLUMNS (tokens as an int64 array); with `vocab_size`, an id
-    outside [0, vocab_size) raises a ValueError naming the shard and row."""
+def _rows(url: str, columns) -> Iterator[dict]:
+    """The rows of a packed shard, `columns` only, read 64 at a time."""
     import fsspec
     import pyarrow.parquet as pq
 
     with fsspec.open(url, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        index = 0
-        for batch in parquet.iter_batches(batch_size=64, columns=list(COLUMNS)):
-            for row in batch.to_pylist():
-                tokens = np.asarray(row["tokens"], dtype=np.int64)
-                if vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-                    bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
-                    raise ValueError(f"packed shard {url} row {index}: token id {bad} outside the vocabulary "
-                                     f"[0, {vocab_size})")
-                yield {**row, "tokens": tokens, "row": index}
-                index += 1
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=list(columns)):
+            yield from batch.to_pylist()
+
+
+def iter_rows(url: str, vocab_size: int | None = None) -> Iterator[dict]:
+    """Rows of a packed shard as dicts of COLUMNS (tokens as an int64 array); with `vocab_size`, an id
+    outside [0, vocab_size) raises a ValueError naming the shard and row."""
+    for index, row in enumerate(_rows(url, COLUMNS)):
+        tokens = np.asarray(row["tokens"], dtype=np.int64)
+        if vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
+            raise ValueError(f"packed shard {url} row {index}: token id {bad} outside the vocabulary "
+                             f"[0, {vocab_size})")
+        yield {**row, "tokens": tokens, "row": index}
 
 
 def document_index(url: str) -> Iterator[tuple[str, str, int]]:
     """(key, task, length) of every document of a packed shard, read from the index columns alone."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    with fsspec.open(url, "rb") as f:
-        for row in pq.read_table(f, columns=["doc_keys", "doc_tasks", "doc_lengths"]).to_pylist():
-            yield from zip(row["doc_keys"], row["doc_tasks"], row["doc_lengths"])
+    for row in _rows(url, ("doc_keys", "doc_tasks", "doc_lengths")):
+        yield from zip(row["doc_keys"], row["doc_tasks"], row["doc_lengths"])
 
 
 def documents(url: str, row: dict) -> Iterator[PackedDocument]:

@@ -138,7 +138,7 @@ def test_overfits_one_document_and_synthesizes_it_back():
     model = Valle(config(ar_layers=2, nar_layers=2, d_model=64))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
-    for _ in range(60):
+    for _ in range(150):
         loss, _ = model(batch)
         opt.zero_grad()
         loss.backward()

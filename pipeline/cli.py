@@ -142,6 +142,7 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
            temperature: float = typer.Option(1.0, min=0.0), top_k: int = typer.Option(0, min=0),
            top_p: float = typer.Option(1.0, min=0.0, max=1.0),
            cfg_scale: float = typer.Option(3.0, min=0.0, help="t2i classifier-free guidance (1: none)."),
+           i2t_cfg_scale: float = typer.Option(1.0, min=0.0, help="i2t guidance against the caption prior (1: none)."),
            seed: int = typer.Option(0)):
     """Sample a trained token model: captions to images, text to speech, images to captions."""
     from pipeline.models.samplers import TASKS, SamplingError, SamplingSettings
@@ -154,7 +155,7 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         raise typer.Exit(EXIT_USAGE)
     job = _load(job_file)
     _stage_names(job, stage, "--stage")
-    settings = SamplingSettings(temperature, top_k, top_p, cfg_scale, seed)
+    settings = SamplingSettings(temperature, top_k, top_p, cfg_scale, seed, i2t_cfg_scale)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     try:

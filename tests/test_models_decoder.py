@@ -308,6 +308,31 @@ def test_image_to_text_samples_text_ids_up_to_eos(vocab):
     assert len(caption) == 6 and all(0 <= t < text.size for t in caption)
 
 
+def test_image_to_text_guidance_is_against_the_t2i_caption_prior(vocab):
+    """i2t_cfg_scale guides the captioning stream with `<bos> <t2i>`: scale 0 writes the prior's caption."""
+    from pipeline.models.samplers import SamplingSettings, image_to_text
+    from pipeline.models.token_model import TokenModel
+
+    model = TokenModel("decoder", tiny_decoder(vocab, tie_embeddings=False), vocab)
+    image, text, eos = np.arange(4) % 16, vocab.range("text"), vocab.special("<eos>")
+    allowed = (text.offset, text.offset + text.size)
+    prompt = torch.tensor([[vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>"),
+                            *vocab.to_global("image", image).tolist(), vocab.special("<eoi>")]])
+    prior = torch.tensor([[vocab.special("<bos>"), vocab.special("<t2i>")]])
+
+    def caption(scale):
+        return image_to_text(model, image, 6, SamplingSettings(temperature=0, i2t_cfg_scale=scale))
+
+    def local(ids):
+        return [t - text.offset for t in itertools.takewhile(lambda t: t != eos, ids[0].tolist())]
+
+    guided = generate(model.net, prompt, 6, allowed=allowed, stop=eos, temperature=0, cfg_scale=2.0,
+                      uncond_prompt=prior)
+    assert caption(2.0) == local(guided)
+    assert caption(0.0) == local(generate(model.net, prior, 6, allowed=allowed, stop=eos, temperature=0))
+    assert caption(2.0) != caption(1.0) and caption(0.0) != caption(1.0)
+
+
 # ---- Parti --------------------------------------------------------------------------------------
 
 def t2i_docs():

@@ -58,7 +58,8 @@ stages:
   sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
               seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
   decoder: {{kind: train, inputs: [sequences], model: {DIGITS_DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
-            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, optimizer: muon, {TRAIN}}}
+            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, optimizer: muon,
+            i2t_cfg_scale: 2.0, {TRAIN}}}
   valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
           text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
   parti: {{kind: train, inputs: [sequences], model: {{arch: parti, encoder_layers: 1, decoder_layers: 1, d_model: 64}},
@@ -228,7 +229,8 @@ def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
                  "--count", "2")
     assert t2i.returncode == 0, t2i.stderr
     assert [Image.open(p).size for p in t2i.stdout.split()] == [(32, 32), (32, 32)]
-    i2t = sample("--stage", "decoder", "--task", "i2t", "--image", t2i.stdout.split()[0], "--temperature", "0")
+    i2t = sample("--stage", "decoder", "--task", "i2t", "--image", t2i.stdout.split()[0], "--temperature", "0",
+                 "--i2t-cfg-scale", "2")
     assert i2t.returncode == 0, i2t.stderr
     assert isinstance(json.loads(i2t.stdout), str)          # one quoted caption (a 6-step model says little)
     tts = sample("--stage", "valle", "--task", "tts", "--text", "hello there", "--prompt-audio", str(speech))

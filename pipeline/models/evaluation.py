@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +39,8 @@ CAPTION_TOKENS = 48            # i2t: longest sampled caption
 def evaluate(model: TokenModel, work, config, tasks: tuple[str, ...], storage_root: str, out: Path, output) -> None:
     """Write eval.json and the sample files (t2i-NN.png, tts-NN.wav, t2i.json) into `out`; figures into
     output.stats, files into output.files (the stage keeps them beside the model)."""
-    s = SamplingSettings(config.temperature, config.top_k, config.top_p, config.cfg_scale, config.seed)
+    s = SamplingSettings(config.temperature, config.top_k, config.top_p, config.cfg_scale, config.seed,
+                         config.i2t_cfg_scale)
     keep = DocumentFilter(model.vocab, tasks, HoldOut(config.holdout, config.holdout_share), work.text)
     held = list(itertools.islice(_held_out(work.files, keep), config.eval_documents))
     report: dict = {"documents": len(held), **heldout_loss(model, [doc for _, doc in held])}
@@ -162,8 +164,9 @@ def _scene_hits(expected, found) -> dict[str, float]:
 
 
 def i2t_samples(model: TokenModel, keep: DocumentFilter, docs: list, s: SamplingSettings) -> dict:
-    """Captions sampled for held-out images, scored against the true caption on demo shapes captions."""
-    greedy = SamplingSettings(temperature=0.0, seed=s.seed)
+    """Captions sampled greedily (i2t guidance as in `s`) for held-out images, scored against the true
+    caption on demo shapes captions."""
+    greedy = replace(s, temperature=0.0)
     hits, exact = defaultdict(list), []
     for i, (_, doc) in enumerate(docs):
         parsed = packing.parse(model.vocab, doc.tokens)

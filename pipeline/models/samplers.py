@@ -20,6 +20,7 @@ class SamplingSettings:
     top_p: float = 1.0
     cfg_scale: float = 3.0         # t2i classifier-free guidance (1: none)
     seed: int = 0
+    i2t_cfg_scale: float = 1.0     # i2t guidance against the caption prior, the model's <t2i> captions (1: none)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
@@ -65,17 +66,23 @@ def text_to_image(model: TokenModel, text: list[int], tokens: int, s: SamplingSe
 
 
 def image_to_text(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0) -> list[int]:
-    """Caption text ids for local image codes, sampled from text ids only, up to <eos> (or max_tokens)."""
+    """Caption text ids for local image codes, sampled from text ids only, up to <eos> (or max_tokens).
+
+    With s.i2t_cfg_scale != 1 the logits are guided away from the caption prior: the unconditional
+    stream is `<bos> <t2i>`, where the model writes a caption before any image (trained by the CM3
+    variants of t2i documents), so what the image adds is amplified, e.g. a shape kind the training
+    captions never paired with the color just written."""
     require_task(model, "i2t")
     from pipeline.models.sampling import generate
 
     vocab = model.vocab
     prompt = _ids([vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>")],
                   vocab.to_global("image", image), [vocab.special("<eoi>")])
+    prior = _ids([vocab.special("<bos>"), vocab.special("<t2i>")]) if s.i2t_cfg_scale != 1 else None
     text = vocab.range("text")
     new = generate(model.net, prompt, max_tokens, allowed=(text.offset, text.offset + text.size),
                    stop=vocab.special("<eos>"), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                   generator=s.generator(salt))[0].numpy()
+                   cfg_scale=s.i2t_cfg_scale, uncond_prompt=prior, generator=s.generator(salt))[0].numpy()
     return [int(token - text.offset) for token in itertools.takewhile(lambda t: t != vocab.special("<eos>"), new)]
 
 

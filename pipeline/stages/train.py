@@ -42,6 +42,7 @@ class _OwnKeys:
     top_k: int = 0
     top_p: float = 1.0
     cfg_scale: float = 3.0                   # t2i classifier-free guidance (1: none)
+    i2t_cfg_scale: float = 1.0               # i2t guidance against the caption prior (1: none)
 
 
 TrainConfig = model_stage_config("TrainConfig", TokenTrainSettings, _OwnKeys)
@@ -78,7 +79,8 @@ class Train(ModelStage):
     reference_keys = ("text_tokenizer", "image_tokenizer", "codec")
     figures = ()                                 # status_figures picks them from the evaluation
     train_figures = ("loss",)
-    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "tasks")
+    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "i2t_cfg_scale",
+                       "tasks")
 
     @classmethod
     def check(cls, config) -> list[SpecProblem]:

@@ -140,16 +140,19 @@ def write_job(path: Path, storage: Path, stages: str) -> Path:
     return path
 
 
-def assert_resumes_after_kill(spec: Path, stage: str, shard: str, steps: int, every: int, address: str) -> None:
+def assert_resumes_after_kill(spec: Path, stage: str, shard: str, address: str) -> None:
     """Run model stage `stage` of job `spec` in a driver process, SIGKILL it once Ray Train has recorded
     a checkpoint (not merely written its files), run it again: it must resume from a checkpoint (a
-    multiple of `every`) and finish all `steps`, its metrics history whole."""
+    multiple of its `checkpoint_every`) and finish all its `steps`, its metrics history whole."""
     from pipeline.ledger import StageLedger
     from pipeline.spec import load_job
     from pipeline.storage import Storage
     from pipeline.workflow import run
 
-    storage = Storage(load_job(spec).storage)
+    job = load_job(spec)
+    config = job.stages[stage].stage.config
+    steps, every = config.steps, config.checkpoint_every
+    storage = Storage(job.storage)
     checkpoints = Path(storage.path(f"{stage}/checkpoints"))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(spec), "--stages", stage,
                              "--address", address], start_new_session=True,
@@ -161,7 +164,7 @@ def assert_resumes_after_kill(spec: Path, stage: str, shard: str, steps: int, ev
     proc.wait()
     assert list(checkpoints.glob("run-*/checkpoint_*")), "no checkpoint before the kill"
     assert not StageLedger(storage, stage).read_markers(), "killed before any checkpoint? too late?"
-    (result,) = run(load_job(spec), stages=[stage], address=address)
+    (result,) = run(job, stages=[stage], address=address)
     assert result.built == 1
     stats = StageLedger(storage, stage).read_markers()[shard].stats
     assert stats["steps"] == steps and len(stats["resumed_from"]) >= 1 and stats["resumed_from"][0] % every == 0

@@ -161,7 +161,7 @@ stages:
 def test_resume_after_the_driver_is_killed(ray_address, shapes_site, tmp_path):
     spec = write_job(tmp_path, shapes_site, count=60, steps=300, checkpoint_every=20)
     run(load_job(spec), stages=["images"], address=ray_address)
-    assert_resumes_after_kill(spec, "vq", "tokenizer", 300, 20, ray_address)
+    assert_resumes_after_kill(spec, "vq", "tokenizer", ray_address)
 
 
 def test_bad_images_are_skipped_with_their_keys_or_converted(trained, tmp_path):

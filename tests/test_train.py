@@ -243,16 +243,23 @@ def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
     assert missing.returncode == 2
 
 
-def test_rerun_does_nothing_and_a_config_change_retrains(trained, ray_address):
+def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_retrains(trained, ray_address):
     spec, _ = trained
     again = {r.name: r for r in run(load_job(spec), stages=["decoder", "valle", "parti"], address=ray_address)}
     assert all(r.built == 0 for r in again.values())
-    spec.write_text(spec.read_text().replace("grad_accum: 2, steps: 6", "grad_accum: 2, steps: 5"))
+    original, before = spec.read_text(), marker_stats(spec, "parti")
+    trained_files = {name: (shards(spec, "parti") / name).read_bytes() for name in ("model.safetensors", "metrics.jsonl")}
     try:
+        spec.write_text(original.replace("grad_accum: 2, steps: 6", "grad_accum: 2, cfg_scale: 1.5, steps: 6"))
         (parti,) = run(load_job(spec), stages=["parti"], address=ray_address)
-        assert parti.built == 1 and marker_stats(spec, "parti")["steps"] == 5
+        assert parti.built == 1 and marker_stats(spec, "parti")["run"] == before["run"]   # evaluated again ...
+        assert {name: (shards(spec, "parti") / name).read_bytes() for name in trained_files} == trained_files  # ... only
+        spec.write_text(original.replace("grad_accum: 2, steps: 6", "grad_accum: 2, steps: 5"))
+        (parti,) = run(load_job(spec), stages=["parti"], address=ray_address)
+        after = marker_stats(spec, "parti")
+        assert parti.built == 1 and after["steps"] == 5 and after["run"] != before["run"]
     finally:
-        spec.write_text(spec.read_text().replace("grad_accum: 2, steps: 5", "grad_accum: 2, steps: 6"))
+        spec.write_text(original)
 
 
 def test_bad_input_is_refused_with_a_clear_message(trained, ray_address, tmp_path):

@@ -54,7 +54,9 @@ class ModelStage(Stage):
     figures: ClassVar[tuple[str, ...]]            # stats that run and status show, besides "steps"
     input_suffix: ClassVar[str] = ".tar"          # the input files it trains on
     train_figures: ClassVar[tuple[str, ...]] = ()  # last step's metrics kept in stats as train_<name>
-    evaluation_keys: ClassVar[tuple[str, ...]] = ()   # own keys that evaluation reads (kept with pretrained)
+    evaluation_keys: ClassVar[tuple[str, ...]] = ()   # own keys that only evaluation reads (kept with pretrained):
+                                                      # changing one re-evaluates the trained model, not retrains it
+    evaluated_keys: ClassVar[tuple[str, ...]] = ("holdout_share",)   # training keys evaluation reads too
     pinned_keys: ClassVar[tuple[str, ...]] = ()   # model keys a pretrained checkpoint must match
     execution_keys = frozenset({"checkpoint_every", "log_every", "cpus_per_worker", "max_failures"})
     num_cpus = 0.0          # the shard task only drives Ray Train; its workers claim the CPUs
@@ -91,8 +93,15 @@ class ModelStage(Stage):
     def fingerprint_config(self) -> dict:
         config = super().fingerprint_config()
         if self.config.pretrained:   # only the checkpoint, what evaluation looks at and what it must match
-            return {k: config[k] for k in ("pretrained", "holdout_share", *self.evaluation_keys, *self.pinned_keys)}
+            return {k: config[k] for k in ("pretrained", *self.evaluated_keys, *self.evaluation_keys, *self.pinned_keys)}
         return config
+
+    def run_name(self, item: ShardInput) -> str:
+        """The Ray Train run's name: its config (less what only evaluation reads) and input. A rerun of
+        the same name resumes from the run's latest checkpoint, so after a change of evaluation keys
+        alone it restores the finished model and trains no step."""
+        config = {k: v for k, v in self.fingerprint_config().items() if k not in self.evaluation_keys}
+        return "run-" + sha256_of({"config": config, "input": item.digest})[:16]
 
     def libraries(self) -> dict[str, str]:
         from importlib.metadata import version
@@ -141,7 +150,7 @@ class ModelStage(Stage):
         storage = Storage(self.storage_root)
         job = TrainJob(self.task(item.payload), storage.root, f"{self.name}/{METRICS_FILE}")
         _check_resources(self.name, c)
-        run_name = "run-" + sha256_of({"config": self.fingerprint_config(), "input": item.digest})[:16]
+        run_name = self.run_name(item)
         checkpoints, filesystem = storage.arrow(f"{self.name}/checkpoints")
         trainer = TorchTrainer(
             train_loop, train_loop_config={"job": job},

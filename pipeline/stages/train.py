@@ -79,8 +79,8 @@ class Train(ModelStage):
     reference_keys = ("text_tokenizer", "image_tokenizer", "codec")
     figures = ()                                 # status_figures picks them from the evaluation
     train_figures = ("loss",)
-    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "i2t_cfg_scale",
-                       "tasks")
+    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "i2t_cfg_scale")
+    evaluated_keys = ("holdout_share", "holdout", "tasks")
 
     @classmethod
     def check(cls, config) -> list[SpecProblem]:

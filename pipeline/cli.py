@@ -143,6 +143,8 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
            top_p: float = typer.Option(1.0, min=0.0, max=1.0),
            cfg_scale: float = typer.Option(3.0, min=0.0, help="t2i classifier-free guidance (1: none)."),
            i2t_cfg_scale: float = typer.Option(1.0, min=0.0, help="i2t guidance against the caption prior (1: none)."),
+           rerank: int = typer.Option(1, min=1, help="t2i: images sampled per sample, the model keeps its best (decoder)."),
+           i2t_rerank: int = typer.Option(1, min=1, help="i2t: captions sampled per sample, the model keeps its best."),
            seed: int = typer.Option(0)):
     """Sample a trained token model: captions to images, text to speech, images to captions."""
     from pipeline.models.samplers import TASKS, SamplingError, SamplingSettings
@@ -155,7 +157,7 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
         raise typer.Exit(EXIT_USAGE)
     job = _load(job_file)
     _stage_names(job, stage, "--stage")
-    settings = SamplingSettings(temperature, top_k, top_p, cfg_scale, seed, i2t_cfg_scale)
+    settings = SamplingSettings(temperature, top_k, top_p, cfg_scale, seed, i2t_cfg_scale, rerank, i2t_rerank)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     try:

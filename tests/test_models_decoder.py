@@ -333,6 +333,44 @@ def test_image_to_text_guidance_is_against_the_t2i_caption_prior(vocab):
     assert caption(2.0) != caption(1.0) and caption(0.0) != caption(1.0)
 
 
+def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
+    """rerank samples candidates with their own salts and keeps the image under which the caption is
+    likeliest (i2t), or the caption best by log P(image | caption) + CAPTION_WEIGHT x log P(caption | image)."""
+    from dataclasses import replace
+
+    from pipeline.data import packing
+    from pipeline.models.evaluation import _document_losses
+    from pipeline.models.rerank import CAPTION_WEIGHT, target_log_likelihood
+    from pipeline.models.samplers import SamplingError, SamplingSettings, image_to_text, text_to_image
+    from pipeline.models.token_model import TokenModel
+
+    model = TokenModel("decoder", tiny_decoder(vocab, tie_embeddings=False), vocab)
+    text, image, salt = [3, 7, 11], np.arange(4) % 16, 5
+    s = SamplingSettings(temperature=1.0, cfg_scale=1.0)
+    doc = packing.i2t(vocab, "k", text, image)
+    with torch.no_grad():
+        loss = _document_losses(model, doc)["i2t"]           # mean over the target's ids, as evaluation scores it
+    assert target_log_likelihood(model, doc) == pytest.approx(-loss * (len(doc.tokens) - doc.target), rel=1e-4)
+
+    images = [text_to_image(model, text, 4, s, salt=salt + k * 100_003) for k in range(4)]
+    assert len({tuple(x) for x in images}) > 1                                    # the choice is a real one
+    scores = [target_log_likelihood(model, packing.i2t(vocab, "", text, x)) for x in images]
+    assert list(text_to_image(model, text, 4, replace(s, rerank=4), salt=salt)) == list(images[int(np.argmax(scores))])
+
+    greedy = replace(s, temperature=0.0)
+    captions = [image_to_text(model, image, 5, greedy, salt=salt)]
+    captions += [image_to_text(model, image, 5, s, salt=salt + k * 100_003) for k in range(1, 4)]
+    assert len({tuple(x) for x in captions}) > 1
+    channel = [target_log_likelihood(model, packing.t2i(vocab, "", c, image))
+               + CAPTION_WEIGHT * target_log_likelihood(model, packing.i2t(vocab, "", c, image)) for c in captions]
+    assert image_to_text(model, image, 5, replace(greedy, i2t_rerank=4), salt=salt) == captions[int(np.argmax(channel))]
+
+    with pytest.raises(SamplingError, match="rerank needs a model that also captions images"):
+        text_to_image(TokenModel("parti", tiny_parti(vocab), vocab), text, 4, replace(s, rerank=2))
+    with pytest.raises(ValueError, match="need >= 1"):
+        SamplingSettings(rerank=0)
+
+
 # ---- Parti --------------------------------------------------------------------------------------
 
 def t2i_docs():

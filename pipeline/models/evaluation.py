@@ -40,7 +40,7 @@ def evaluate(model: TokenModel, work, config, tasks: tuple[str, ...], storage_ro
     """Write eval.json and the sample files (t2i-NN.png, tts-NN.wav, t2i.json) into `out`; figures into
     output.stats, files into output.files (the stage keeps them beside the model)."""
     s = SamplingSettings(config.temperature, config.top_k, config.top_p, config.cfg_scale, config.seed,
-                         config.i2t_cfg_scale)
+                         config.i2t_cfg_scale, config.rerank, config.i2t_rerank)
     keep = DocumentFilter(model.vocab, tasks, HoldOut(config.holdout, config.holdout_share), work.text)
     held = list(itertools.islice(_held_out(work.files, keep), config.eval_documents))
     report: dict = {"documents": len(held), **heldout_loss(model, [doc for _, doc in held])}

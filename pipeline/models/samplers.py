@@ -5,7 +5,7 @@ local to their vocabulary range (text, image, phoneme, audio codes), as the toke
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,9 +21,15 @@ class SamplingSettings:
     cfg_scale: float = 3.0         # t2i classifier-free guidance (1: none)
     seed: int = 0
     i2t_cfg_scale: float = 1.0     # i2t guidance against the caption prior, the model's <t2i> captions (1: none)
+    rerank: int = 1                # t2i: images sampled per caption, the model keeps the best (pipeline.models.rerank)
+    i2t_rerank: int = 1            # i2t: captions per image (this one + the rest at temperature 1), the best kept
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def __post_init__(self):
+        if self.rerank < 1 or self.i2t_rerank < 1:
+            raise ValueError(f"rerank and i2t_rerank count candidates: need >= 1, got {self.rerank}, {self.i2t_rerank}")
 
 
 class SamplingError(ValueError):
@@ -44,15 +50,30 @@ def _ids(*parts) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.asarray(p, np.int64).ravel() for p in parts]))[None]
 
 
+_CANDIDATE_SALT = 100_003   # candidate k of salt n samples with salt n + k * _CANDIDATE_SALT
+
+
 def text_to_image(model: TokenModel, text: list[int], tokens: int, s: SamplingSettings, salt: int = 0) -> np.ndarray:
-    """(tokens,) local image codes for the caption's text ids (raster order; the caller reshapes)."""
+    """(tokens,) local image codes for the caption's text ids (raster order; the caller reshapes); with
+    s.rerank > 1, the candidate under which the model finds the caption likeliest (it must do i2t)."""
+    require_task(model, "t2i")
+    if s.rerank == 1:
+        return _image_for(model, text, tokens, s, salt)
+    if model.arch not in TASKS["i2t"]:
+        raise SamplingError(f"rerank needs a model that also captions images (a decoder), not a {model.arch}")
+    from pipeline.models.rerank import best_image
+
+    images = [_image_for(model, text, tokens, s, salt + k * _CANDIDATE_SALT) for k in range(s.rerank)]
+    return images[best_image(model, text, images)]
+
+
+def _image_for(model: TokenModel, text: list[int], tokens: int, s: SamplingSettings, salt: int) -> np.ndarray:
     vocab = model.vocab
     if model.arch == "parti":
         from pipeline.models.parti import generate_image
 
         return generate_image(model.net, vocab, list(text), tokens, temperature=s.temperature, top_k=s.top_k,
                               top_p=s.top_p, cfg_scale=s.cfg_scale, generator=s.generator(salt)).numpy()
-    require_task(model, "t2i")
     from pipeline.models.sampling import generate
 
     head = [vocab.special("<bos>"), vocab.special("<t2i>")]
@@ -71,8 +92,22 @@ def image_to_text(model: TokenModel, image: np.ndarray, max_tokens: int, s: Samp
     With s.i2t_cfg_scale != 1 the logits are guided away from the caption prior: the unconditional
     stream is `<bos> <t2i>`, where the model writes a caption before any image (trained by the CM3
     variants of t2i documents), so what the image adds is amplified, e.g. a shape kind the training
-    captions never paired with the color just written."""
+    captions never paired with the color just written. With s.i2t_rerank > 1, this caption and
+    i2t_rerank - 1 more sampled at temperature 1 compete, and the one that best explains the image
+    (noisy channel, pipeline.models.rerank) is kept."""
     require_task(model, "i2t")
+    caption = _caption_for(model, image, max_tokens, s, salt)
+    if s.i2t_rerank == 1:
+        return caption
+    from pipeline.models.rerank import best_caption
+
+    warm = replace(s, temperature=1.0)
+    captions = [caption] + [_caption_for(model, image, max_tokens, warm, salt + k * _CANDIDATE_SALT)
+                            for k in range(1, s.i2t_rerank)]
+    return captions[best_caption(model, image, captions)]
+
+
+def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int) -> list[int]:
     from pipeline.models.sampling import generate
 
     vocab = model.vocab

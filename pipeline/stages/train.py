@@ -43,6 +43,8 @@ class _OwnKeys:
     top_p: float = 1.0
     cfg_scale: float = 3.0                   # t2i classifier-free guidance (1: none)
     i2t_cfg_scale: float = 1.0               # i2t guidance against the caption prior (1: none)
+    rerank: int = 1                          # t2i: images sampled per caption, the model keeps its best (decoder)
+    i2t_rerank: int = 1                      # i2t: captions sampled per image, the model keeps its best
 
 
 TrainConfig = model_stage_config("TrainConfig", TokenTrainSettings, _OwnKeys)
@@ -79,7 +81,8 @@ class Train(ModelStage):
     reference_keys = ("text_tokenizer", "image_tokenizer", "codec")
     figures = ()                                 # status_figures picks them from the evaluation
     train_figures = ("loss",)
-    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "i2t_cfg_scale")
+    evaluation_keys = ("eval_documents", "eval_samples", "temperature", "top_k", "top_p", "cfg_scale", "i2t_cfg_scale",
+                       "rerank", "i2t_rerank")
     evaluated_keys = ("holdout_share", "holdout", "tasks")
 
     @classmethod
@@ -95,6 +98,9 @@ class Train(ModelStage):
             problems.append(SpecProblem(("holdout",), f"must be one of {', '.join(POLICIES)}, not {config.holdout!r}"))
         if config.model.get("image_code_digits") and not config.image_tokenizer:
             problems.append(SpecProblem(("image_tokenizer",), "is required by model.image_code_digits (the FSQ levels)"))
+        if config.rerank > 1 and config.model["arch"] != "decoder":
+            problems.append(SpecProblem(("rerank",), f"needs a decoder (it reranks images by its own captioning), "
+                                                     f"not a {config.model['arch']}"))
         if config.holdout == "combinations" and not config.text_tokenizer:
             problems.append(SpecProblem(("text_tokenizer",), "is required by holdout: combinations (captions)"))
         takes = token_model.arch(config.model["arch"]).tasks

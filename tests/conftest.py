@@ -119,13 +119,27 @@ def write_url_list(path: Path, urls: list[str], **extra_columns) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shapes_site(tmp_path_factory):
     """Base URL of 180 demo shape images served on 127.0.0.1."""
     folder = tmp_path_factory.mktemp("site")
     shapes.materialize(180, folder, size=64)
     with LocalServer(folder / "shapes") as server:
         yield server.base_url
+
+
+@pytest.fixture(scope="session")
+def token_models_job(ray_address, shapes_site, tmp_path_factory) -> Path:
+    """The spec of a finished job with every token model (tests/token_models_job.py), built once."""
+    from pipeline.spec import load_job
+    from pipeline.workflow import run
+    from token_models_job import write_job
+
+    spec = write_job(tmp_path_factory.mktemp("token-models"), shapes_site)
+    results = {r.name: r for r in run(load_job(spec), address=ray_address)}
+    assert {n: (r.built, r.failed_shards) for n, r in results.items() if n in ("decoder", "valle", "parti")} == \
+        {"decoder": (1, 0), "valle": (1, 0), "parti": (1, 0)}, results
+    return spec
 
 
 def shapes_url_list(path: Path, site: str, count: int) -> Path:

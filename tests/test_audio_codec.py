@@ -197,7 +197,7 @@ stages:
 
 
 def test_resume_after_the_driver_is_killed(ray_address, tmp_path):
-    spec = write_job(tmp_path, steps=160, checkpoint_every=20)
+    spec = write_job(tmp_path, steps=100, checkpoint_every=20)
     run(load_job(spec), stages=["speech"], address=ray_address)
     assert_resumes_after_kill(spec, "codec", "codec", ray_address)
 

@@ -14,68 +14,21 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from conftest import assert_resumes_after_kill, shapes_url_list
+from conftest import assert_resumes_after_kill
+from token_models_job import DECODER, DIGITS_DECODER, TRAIN
 from pipeline.data import packed_rows, token_shards
 from pipeline.ledger import StageLedger
 from pipeline.models import token_model
 from pipeline.models.holdout import HoldOut, held_out_pairs
 from pipeline.models.train_tasks import TASK_NAMES, decoder_batch
+from pipeline.monitor.status import job_status
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages.base import checkpoint_of
 from pipeline.stages.train import TrainWork, image_code_levels
 from pipeline.storage import Storage
-from pipeline.tokenizers import audio_codec_model, image_vq
-from pipeline.tokenizers.audio_codec_model import AudioCodecModel, CodecModelConfig
+from pipeline.tokenizers import image_vq
 from pipeline.tokenizers.vocab import build as build_vocab
 from pipeline.workflow import Planner, run
-
-TRAIN = "steps: 6, batch_size: 2, warmup_steps: 2, checkpoint_every: 3, log_every: 2, eval_documents: 24, eval_samples: 2"
-DECODER = "{arch: decoder, n_layer: 2, n_head: 4, d_model: 64}"
-DIGITS_DECODER = "{arch: decoder, n_layer: 2, n_head: 4, d_model: 64, image_code_digits: true}"
-
-
-def write_job(folder: Path, site: str, extra: str = "") -> Path:
-    """40 shapes images and 24 demo utterances, untrained tiny tokenizers, packed; three tiny models."""
-    torch.manual_seed(0)
-    vq = image_vq.save(image_vq.VQAutoencoder(image_vq.VQConfig(image_size=32, channels=8, quantizer="fsq",
-                                                                codebook_size=256, latent_dim=16)), folder / "vq")
-    codec = audio_codec_model.save(AudioCodecModel(CodecModelConfig(channels=4, max_channels=16, latent_dim=16,
-                                                                    codebook_dim=16, codebook_size=64, levels=2)),
-                                   folder / "codec")
-    spec = folder / "job.yaml"
-    spec.write_text(f"""name: train-test
-storage: {folder / "out"}
-stages:
-  images: {{kind: ingest-images, url_list: {shapes_url_list(folder / "urls.parquet", site, 40)}, image_size: 32,
-           samples_per_shard: 20}}
-  speech: {{kind: ingest-speech, corpus: demo-espeak, parts: [demo-24], samples_per_shard: 12}}
-  vq: {{kind: train-image-tokenizer, pretrained: "{vq}", eval_images: 4}}
-  codec: {{kind: train-audio-codec, pretrained: "{codec}", levels: 2, eval_utterances: 2, examples: 1,
-          calibration_utterances: 0}}
-  image-tokens: {{kind: tokenize-images, inputs: [images], tokenizer: vq}}
-  audio-tokens: {{kind: tokenize-speech, inputs: [speech], codec: {{name: tokenmill, stage: codec, levels: 2}}}}
-  text-bpe: {{kind: train-text-tokenizer, inputs: [images, speech], vocab_size: 400}}
-  sequences: {{kind: pack, inputs: [image-tokens, audio-tokens], text_tokenizer: text-bpe, tasks: [t2i, i2t, tts],
-              seq_len: 1024, cm3_rate: 0.2, prompt_seconds: 1.0}}
-  decoder: {{kind: train, inputs: [sequences], model: {DIGITS_DECODER}, tasks: [t2i, i2t], text_tokenizer: text-bpe,
-            image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, context: 40, optimizer: muon,
-            i2t_cfg_scale: 2.0, {TRAIN}}}
-  valle: {{kind: train, inputs: [sequences], model: {{arch: valle, ar_layers: 1, nar_layers: 1, d_model: 64}},
-          text_tokenizer: text-bpe, codec: codec, holdout_share: 0.2, {TRAIN}}}
-  parti: {{kind: train, inputs: [sequences], model: {{arch: parti, encoder_layers: 1, decoder_layers: 1, d_model: 64}},
-          text_tokenizer: text-bpe, image_tokenizer: vq, grad_accum: 2, {TRAIN}}}
-{extra}""")
-    return spec
-
-
-@pytest.fixture(scope="module")
-def trained(ray_address, shapes_site, tmp_path_factory):
-    spec = write_job(tmp_path_factory.mktemp("train"), shapes_site)
-    results = {r.name: r for r in run(load_job(spec), address=ray_address)}
-    assert {n: (r.built, r.failed_shards) for n, r in results.items() if n in ("decoder", "valle", "parti")} == \
-        {"decoder": (1, 0), "valle": (1, 0), "parti": (1, 0)}, results
-    return spec, results
-
 
 def shards(spec: Path, stage: str) -> Path:
     return Path(Storage(load_job(spec).storage).path(f"{stage}/shards"))
@@ -85,18 +38,24 @@ def marker_stats(spec: Path, stage: str) -> dict:
     return StageLedger(Storage(load_job(spec).storage), stage).read_markers()["model"].stats
 
 
-def training_task(spec: Path, name: str):
-    """The train_loop task that train stage `name` of the built job gives its workers."""
+def stage_input(spec: Path, name: str):
+    """Train stage `name` of the built job and the one ShardInput it would build now."""
     job = load_job(spec)
     planner = Planner(job)
     stage = job.stages[name].stage
     (item,) = stage.inputs({"sequences": planner.built_shards("sequences")},
                            {k: planner.built_shards(v) for k, v in stage.references().items()})
+    return stage, item
+
+
+def training_task(spec: Path, name: str):
+    """The train_loop task that train stage `name` of the built job gives its workers."""
+    stage, item = stage_input(spec, name)
     return stage.task(item.payload)
 
 
-def test_models_train_report_metrics_and_evaluate(trained):
-    spec, _ = trained
+def test_models_train_report_metrics_and_evaluate(token_models_job):
+    spec = token_models_job
     for stage, losses in (("decoder", ("loss_t2i", "loss_i2t")), ("valle", ("loss_tts_ar", "loss_tts_nar")),
                           ("parti", ("loss_t2i",))):
         stats = marker_stats(spec, stage)
@@ -125,10 +84,10 @@ def test_models_train_report_metrics_and_evaluate(trained):
     assert parti["t2i"]["samples"] == 2
 
 
-def test_documents_longer_than_the_context_are_counted_as_not_trained(trained):
+def test_documents_longer_than_the_context_are_counted_as_not_trained(token_models_job):
     """The decoder trains on windows of 40 tokens: every longer t2i / i2t document is a failed sample
     with its reason (its key kept), and no window holds one."""
-    spec, _ = trained
+    spec = token_models_job
     task = training_task(spec, "decoder")
     lengths = {(key, task_name): length for url in task.files
                for key, task_name, length in packed_rows.document_index(url)}
@@ -143,10 +102,10 @@ def test_documents_longer_than_the_context_are_counted_as_not_trained(trained):
         assert batch["tokens"].shape[1] == 40 and (batch["doc_ids"] >= 0).any()
 
 
-def test_held_out_documents_never_train(trained):
+def test_held_out_documents_never_train(token_models_job):
     """With `combinations`, every document whose caption holds a held-out (color, kind) pair is held
     out, and a training batch holds none of them."""
-    task = training_task(trained[0], "decoder")
+    task = training_task(token_models_job, "decoder")
     held = [d for url in task.files for row in packed_rows.iter_rows(url) for d in packed_rows.documents(url, row)
             if d.task in ("t2i", "i2t") and task.filter.held_out(d)]
     assert held and all(any(pair in task.filter.caption(d) for pair in (f"{c} {k}" for c, k in held_out_pairs(0.2)))
@@ -167,8 +126,8 @@ def test_held_out_documents_never_train(trained):
         assert bool((batch["targets"][0, inside] != -100).any()) == keep
 
 
-def test_loader_resumes_exactly_and_ranks_are_disjoint(trained):
-    task = training_task(trained[0], "valle")
+def test_loader_resumes_exactly_and_ranks_are_disjoint(token_models_job):
+    task = training_task(token_models_job, "valle")
     from_start = task.batches(0, 1, 0)
     first = [next(from_start) for _ in range(5)]
     resumed = next(task.batches(0, 1, 3))            # grad_accum 1: step 3 is the 4th batch
@@ -217,8 +176,8 @@ def test_held_out_pairs_spread_over_colors_and_kinds():
     assert len(wide) == 12 and {k for _, k in wide} == set(SHAPE_KINDS) and {c for c, _ in wide} <= set(COLORS)
 
 
-def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
-    spec, _ = trained
+def test_sample_cli_writes_images_captions_and_speech(token_models_job, tmp_path):
+    spec = token_models_job
     speech = shards(spec, "valle") / "tts-00.wav"             # any recording serves as a prompt
 
     def sample(*args: str) -> subprocess.CompletedProcess:
@@ -226,11 +185,11 @@ def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
                               capture_output=True, text=True, timeout=300)
 
     t2i = sample("--stage", "decoder", "--task", "t2i", "--text", "a small red circle at the center on a gray background",
-                 "--count", "2")
+                 "--count", "2", "--rerank", "2")
     assert t2i.returncode == 0, t2i.stderr
     assert [Image.open(p).size for p in t2i.stdout.split()] == [(32, 32), (32, 32)]
     i2t = sample("--stage", "decoder", "--task", "i2t", "--image", t2i.stdout.split()[0], "--temperature", "0",
-                 "--i2t-cfg-scale", "2")
+                 "--i2t-cfg-scale", "2", "--i2t-rerank", "3")
     assert i2t.returncode == 0, i2t.stderr
     assert isinstance(json.loads(i2t.stdout), str)          # one quoted caption (a 6-step model says little)
     tts = sample("--stage", "valle", "--task", "tts", "--text", "hello there", "--prompt-audio", str(speech))
@@ -243,8 +202,8 @@ def test_sample_cli_writes_images_captions_and_speech(trained, tmp_path):
     assert missing.returncode == 2
 
 
-def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_retrains(trained, ray_address):
-    spec, _ = trained
+def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_is_stale(token_models_job, ray_address):
+    spec = token_models_job
     again = {r.name: r for r in run(load_job(spec), stages=["decoder", "valle", "parti"], address=ray_address)}
     assert all(r.built == 0 for r in again.values())
     original, before = spec.read_text(), marker_stats(spec, "parti")
@@ -255,15 +214,16 @@ def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_re
         assert parti.built == 1 and marker_stats(spec, "parti")["run"] == before["run"]   # evaluated again ...
         assert {name: (shards(spec, "parti") / name).read_bytes() for name in trained_files} == trained_files  # ... only
         spec.write_text(original.replace("grad_accum: 2, steps: 6", "grad_accum: 2, steps: 5"))
-        (parti,) = run(load_job(spec), stages=["parti"], address=ray_address)
-        after = marker_stats(spec, "parti")
-        assert parti.built == 1 and after["steps"] == 5 and after["run"] != before["run"]
+        # a training key: the stage is stale and its Ray Train run is a new one, so it trains from step 0
+        assert job_status(load_job(spec))["stages"]["parti"]["state"] == "stale"
+        stage, item = stage_input(spec, "parti")
+        assert stage.run_name(item) != before["run"]
     finally:
         spec.write_text(original)
 
 
-def test_bad_input_is_refused_with_a_clear_message(trained, ray_address, tmp_path):
-    spec, _ = trained
+def test_bad_input_is_refused_with_a_clear_message(token_models_job, ray_address, tmp_path):
+    spec = token_models_job
     job = load_job(spec)
     storage = Storage(job.storage)
     model = token_model.load(shards(spec, "decoder"))
@@ -302,10 +262,10 @@ def test_bad_input_is_refused_with_a_clear_message(trained, ray_address, tmp_pat
         list(packed_rows.iter_rows(str(bad), model.vocab.size))
 
 
-def test_resume_after_the_driver_is_killed(trained, ray_address):
-    spec, _ = trained
+def test_resume_after_the_driver_is_killed(token_models_job, ray_address):
+    spec = token_models_job
     spec.write_text(spec.read_text() + f"""\
-  long: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i], steps: 150, batch_size: 1, lr: 0.003,
+  long: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i], steps: 80, batch_size: 1, lr: 0.003,
          optimizer: muon, warmup_steps: 3, checkpoint_every: 10, eval_documents: 4, eval_samples: 0}}
 """)
     assert_resumes_after_kill(spec, "long", "model", ray_address)
@@ -331,6 +291,8 @@ def test_train_spec_errors_name_the_key(tmp_path):
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, optimizer: sgd}\n": ("stages.m.optimizer", "sgd"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder, image_code_digits: true}}\n":
             ("stages.m.image_tokenizer", "image_code_digits"),
+        "  m: {kind: train, inputs: [packed], model: {arch: parti}, rerank: 4}\n": ("stages.m.rerank", "not a parti"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, i2t_rerank: 0}\n": ("stages.m.i2t_rerank", ""),
     }
     for stage, (where, words) in cases.items():
         with pytest.raises(SpecError) as error:

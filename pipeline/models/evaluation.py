@@ -24,10 +24,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.data import packed_rows, packing, token_shards
 from pipeline.models.holdout import HoldOut
+from pipeline.models.rerank import target_log_likelihood
 from pipeline.models.samplers import SamplingSettings, image_to_text, text_to_image, text_to_speech
 from pipeline.models.token_model import TokenModel
 from pipeline.models.train_tasks import DocumentFilter, base_task
@@ -97,10 +97,8 @@ def heldout_loss(model: TokenModel, docs: list[packed_rows.PackedDocument]) -> d
 
 def _document_losses(model: TokenModel, doc: packed_rows.PackedDocument) -> dict[str, float]:
     task = doc.task.replace(":", "_")
-    if model.arch == "decoder":
-        tokens = torch.from_numpy(np.asarray(doc.tokens, np.int64))[None]
-        logits = model.net(tokens)[0, doc.target - 1:-1]
-        return {task: float(F.cross_entropy(logits.float(), tokens[0, doc.target:]))}
+    if model.arch == "decoder":                       # the mean over the target's ids
+        return {task: -target_log_likelihood(model, doc) / (len(doc.tokens) - doc.target)}
     parsed = packing.parse(model.vocab, doc.tokens)
     if model.arch == "valle":
         from pipeline.models.valle import collate

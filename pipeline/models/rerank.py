@@ -22,8 +22,9 @@ CAPTION_WEIGHT = 0.5    # picked on validation captions of the demo: 0 / 0.5 / 1
 
 @torch.no_grad()
 def target_log_likelihood(model: TokenModel, doc: packing.Document) -> float:
-    """log P(the document's target part | the rest before it), summed over its ids, under a decoder."""
-    tokens = torch.from_numpy(doc.tokens.astype(np.int64))[None]
+    """log P(the document's target part | the rest before it), summed over its ids, under a decoder
+    (`doc`: a packing.Document or a packed_rows.PackedDocument)."""
+    tokens = torch.from_numpy(np.asarray(doc.tokens, np.int64))[None]
     logits = model.net(tokens)[0, doc.target - 1:-1].float()
     return -float(F.cross_entropy(logits, tokens[0, doc.target:], reduction="sum"))
 

@@ -98,7 +98,7 @@ class Train(ModelStage):
             problems.append(SpecProblem(("holdout",), f"must be one of {', '.join(POLICIES)}, not {config.holdout!r}"))
         if config.model.get("image_code_digits") and not config.image_tokenizer:
             problems.append(SpecProblem(("image_tokenizer",), "is required by model.image_code_digits (the FSQ levels)"))
-        if config.rerank > 1 and config.model["arch"] != "decoder":
+        if config.rerank > 1 and "i2t" not in token_model.arch(config.model["arch"]).tasks:
             problems.append(SpecProblem(("rerank",), f"needs a decoder (it reranks images by its own captioning), "
                                                      f"not a {config.model['arch']}"))
         if config.holdout == "combinations" and not config.text_tokenizer:

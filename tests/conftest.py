@@ -16,8 +16,9 @@ from PIL import Image
 
 from pipeline.demo import shapes
 from pipeline.demo.server import LocalServer, QuietHandler
+from pipeline.executor import WORKER_ENV
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.update(WORKER_ENV)     # as executor.connect sets them: the session's Ray workers inherit them
 RAY_CPUS = 2
 
 
@@ -46,8 +47,7 @@ def ray_address(tmp_path_factory, s3_server):
 
     os.environ["TOKENMILL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1",
-                                       "TOKENMILL_CACHE": os.environ["TOKENMILL_CACHE"], **s3_server}})
+             runtime_env={"env_vars": {**WORKER_ENV, "TOKENMILL_CACHE": os.environ["TOKENMILL_CACHE"], **s3_server}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -186,6 +186,50 @@ def assert_resumes_after_kill(spec: Path, stage: str, shard: str, address: str) 
     assert [json.loads(m)["step"] for m in metrics] == list(range(1, steps + 1))   # history carried by the checkpoint
 
 
+def assert_recovers_after_worker_kill(spec: Path, stage: str, shard: str, address: str) -> None:
+    """Run model stage `stage` of job `spec`, SIGKILL one of its Ray Train workers once a checkpoint is
+    recorded: the same fit must restart its workers (FailureConfig) from that checkpoint and finish all
+    its `steps`, its metrics history whole."""
+    from pipeline.ledger import StageLedger
+    from pipeline.spec import load_job
+    from pipeline.storage import Storage
+    from pipeline.workflow import run
+
+    job = load_job(spec)
+    config = job.stages[stage].stage.config
+    storage = Storage(job.storage)
+    checkpoints = Path(storage.path(f"{stage}/checkpoints"))
+    results: list = []
+    driver = threading.Thread(target=lambda: results.extend(run(job, stages=[stage], address=address)))
+    driver.start()
+    deadline = time.time() + 240
+    while not _recorded_checkpoint(checkpoints) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = _ray_train_workers()
+    assert workers, "no Ray Train worker to kill"
+    os.kill(workers[0], signal.SIGKILL)
+    driver.join(300)
+    assert not driver.is_alive() and [r.built for r in results] == [1], results
+    stats = StageLedger(storage, stage).read_markers()[shard].stats
+    assert stats["steps"] == config.steps, stats
+    assert len(stats["resumed_from"]) == 1 and stats["resumed_from"][0] % config.checkpoint_every == 0, \
+        f"the kill must land mid-run and the workers resume from a checkpoint: {stats}"
+    metrics = Path(storage.path(f"{stage}/shards/metrics.jsonl")).read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == list(range(1, config.steps + 1))
+
+
+def _ray_train_workers() -> list[int]:
+    """PIDs of the Ray Train worker actors on this machine (Ray titles their processes ray::RayTrainWorker)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:          # exited meanwhile
+            pass
+    return pids
+
+
 def _recorded_checkpoint(checkpoints: Path) -> bool:
     """Whether Ray Train's controller has recorded a checkpoint of a run under `checkpoints`."""
     return any("checkpoint_" in p.read_text() for p in checkpoints.glob("run-*/checkpoint_manager_snapshot.json"))

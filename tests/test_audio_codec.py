@@ -1,6 +1,6 @@
 """tokenmill's audio codec on a real local Ray over the offline demo corpus (eSpeak NG voices): a tiny
-codec trained with Ray Train (metrics, evaluation, calibration, examples), resumed after its driver is
-killed; shapes and frame counts at every level count; tokenize-speech with it, deterministic, decoded
+codec trained with Ray Train (metrics, evaluation, calibration, examples), recovering in the same fit
+when one of its workers is killed; shapes and frame counts at every level count; tokenize-speech with it, deterministic, decoded
 back to WAV; checkpoints refused for levels or sample rate; bad utterances counted; spec errors."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import assert_resumes_after_kill
+from conftest import assert_recovers_after_worker_kill
 from speech_corpora import bad_speech_shard
 from pipeline.data import token_shards
 from pipeline.data.speech_shards import iter_samples
@@ -196,10 +196,10 @@ stages:
     assert all("levels 6 asked, but its checkpoint has 4 levels" in m.error for m in markers["tokens6"].values())
 
 
-def test_resume_after_the_driver_is_killed(ray_address, tmp_path):
+def test_a_killed_worker_recovers_from_the_last_checkpoint(ray_address, tmp_path):
     spec = write_job(tmp_path, steps=100, checkpoint_every=20)
     run(load_job(spec), stages=["speech"], address=ray_address)
-    assert_resumes_after_kill(spec, "codec", "codec", ray_address)
+    assert_recovers_after_worker_kill(spec, "codec", "codec", ray_address)
 
 
 def test_bad_utterances_are_skipped_in_training_and_counted(built, tmp_path):

@@ -1,5 +1,5 @@
 """The `train` stage end to end on a real local Ray: tiny decoder, VALL-E and Parti models trained on
-packed shards of the demo corpora, evaluated, sampled, resumed after a kill; and its bad input."""
+packed shards of the demo corpora, evaluated, sampled, recovering in the same fit when a worker is killed; and its bad input."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from conftest import assert_resumes_after_kill
+from conftest import assert_recovers_after_worker_kill
 from token_models_job import DECODER, DIGITS_DECODER, TRAIN
 from pipeline.data import packed_rows, token_shards
 from pipeline.ledger import StageLedger
@@ -262,13 +262,13 @@ def test_bad_input_is_refused_with_a_clear_message(token_models_job, ray_address
         list(packed_rows.iter_rows(str(bad), model.vocab.size))
 
 
-def test_resume_after_the_driver_is_killed(token_models_job, ray_address):
+def test_a_killed_worker_recovers_and_the_loss_curve_continues(token_models_job, ray_address):
     spec = token_models_job
     spec.write_text(spec.read_text() + f"""\
   long: {{kind: train, inputs: [sequences], model: {DECODER}, tasks: [t2i], steps: 80, batch_size: 1, lr: 0.003,
          optimizer: muon, warmup_steps: 3, checkpoint_every: 10, eval_documents: 4, eval_samples: 0}}
 """)
-    assert_resumes_after_kill(spec, "long", "model", ray_address)
+    assert_recovers_after_worker_kill(spec, "long", "model", ray_address)
     metrics = [json.loads(line) for line in (shards(spec, "long") / "metrics.jsonl").read_text().splitlines()]
     resumed_at = marker_stats(spec, "long")["resumed_from"][0]
     before, after = metrics[resumed_at - 5:resumed_at], metrics[resumed_at:resumed_at + 5]

@@ -159,7 +159,7 @@ stages:
 
 
 def test_resume_after_the_driver_is_killed(ray_address, shapes_site, tmp_path):
-    spec = write_job(tmp_path, shapes_site, count=60, steps=160, checkpoint_every=20)
+    spec = write_job(tmp_path, shapes_site, count=60, steps=100, checkpoint_every=20)
     run(load_job(spec), stages=["images"], address=ray_address)
     assert_resumes_after_kill(spec, "vq", "tokenizer", ray_address)
 

@@ -58,7 +58,7 @@ name: metrics-test
 storage: {tmp_path / "out"}
 stages:
   images: {{kind: ingest-images, url_list: {url_list}, image_size: 32, samples_per_shard: 10, retries: 0}}
-  vq: {{kind: train-image-tokenizer, inputs: [images], image_size: 32, channels: 8, codebook_size: 256,
+  vq: {{kind: train-image-tokenizer, inputs: [images], workers: 1, image_size: 32, channels: 8, codebook_size: 256,
        latent_dim: 16, batch_size: 4, warmup_steps: 1, steps: 4, checkpoint_every: 4, log_every: 2,
        shuffle_buffer: 8, eval_images: 4}}
 """)

@@ -27,11 +27,12 @@ from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.storage import Storage
 from pipeline.workflow import run
 
-VQ = ("image_size: 32, channels: 8, codebook_size: 256, latent_dim: 16, batch_size: 8, warmup_steps: 2, "
+# one Ray Train worker each: the bucket is the subject here, DDP is tested where the stages are
+VQ = ("workers: 1, image_size: 32, channels: 8, codebook_size: 256, latent_dim: 16, batch_size: 8, warmup_steps: 2, "
       "shuffle_buffer: 40, eval_images: 8, steps: 4, checkpoint_every: 2, log_every: 2")
-DECODER = ("model: {arch: decoder, n_layer: 2, n_head: 4, d_model: 64}, tasks: [t2i, i2t], text_tokenizer: text-bpe, "
-           "image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, steps: 4, batch_size: 2, warmup_steps: 2, "
-           "checkpoint_every: 2, log_every: 2, eval_documents: 8, eval_samples: 1")
+DECODER = ("workers: 1, model: {arch: decoder, n_layer: 2, n_head: 4, d_model: 64}, tasks: [t2i, i2t], "
+           "text_tokenizer: text-bpe, image_tokenizer: vq, holdout: combinations, holdout_share: 0.2, steps: 4, "
+           "batch_size: 2, warmup_steps: 2, checkpoint_every: 2, log_every: 2, eval_documents: 8, eval_samples: 1")
 STAGES = f"""  images: {{kind: ingest-images, url_list: "demo://shapes?count=40", image_size: 32, samples_per_shard: 20}}
   vq: {{kind: train-image-tokenizer, inputs: [images], {VQ}}}
   image-tokens: {{kind: tokenize-images, inputs: [images], tokenizer: vq, batch_size: 16}}

@@ -219,11 +219,14 @@ def assert_recovers_after_worker_kill(spec: Path, stage: str, shard: str, addres
 
 
 def _ray_train_workers() -> list[int]:
-    """PIDs of the Ray Train worker actors on this machine (Ray titles their processes ray::RayTrainWorker)."""
+    """PIDs of this session's Ray Train worker actors: processes Ray titles ray::RayTrainWorker whose
+    environment holds the session's TOKENMILL_CACHE (another Ray on the machine is left alone)."""
+    ours = f"TOKENMILL_CACHE={os.environ['TOKENMILL_CACHE']}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+            if (proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker")
+                    and ours in (proc / "environ").read_bytes().split(b"\0")):
                 pids.append(int(proc.name))
         except OSError:          # exited meanwhile
             pass

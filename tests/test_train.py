@@ -20,7 +20,7 @@ from pipeline.data import packed_rows, token_shards
 from pipeline.ledger import StageLedger
 from pipeline.models import token_model
 from pipeline.models.holdout import HoldOut, held_out_pairs
-from pipeline.models.train_tasks import TASK_NAMES, decoder_batch
+from pipeline.models.train_tasks import TASK_NAMES, TokenModelTask, TokenTrainSettings, decoder_batch, decoder_loss
 from pipeline.monitor.status import job_status
 from pipeline.spec import SpecError, load_job, parse_job
 from pipeline.stages.base import checkpoint_of
@@ -152,6 +152,33 @@ def test_decoder_batch_targets_only_target_parts_and_blanks_captions():
     assert (batch["doc_ids"][0, len(doc.tokens):] == -1).all()
     blanked = decoder_batch(vocab, [(random.Random(0), (row, [True]))], cfg_dropout=1.0)["tokens"][0]
     assert (blanked[2:doc.target - 1] == vocab.special("<pad>")).all() and torch.equal(blanked[doc.target:], batch["tokens"][0][doc.target:])
+
+
+def test_task_weights_weigh_each_tasks_target_tokens_in_the_decoder_loss():
+    vocab = build_vocab(text_size=20, image_codes=8)
+    from pipeline.data import packing
+
+    docs = [packing.t2i(vocab, "a", [3, 4, 5], np.array([1, 2, 3, 4])), packing.i2t(vocab, "b", [6, 7], np.array([5, 6]))]
+    tokens = np.concatenate([d.tokens for d in docs])
+    row = {"tokens": tokens, "doc_starts": [0, len(docs[0].tokens)], "doc_lengths": [len(d.tokens) for d in docs],
+           "doc_targets": [d.target for d in docs], "doc_tasks": ["t2i", "i2t"], "doc_keys": ["a", "b"]}
+    batch = decoder_batch(vocab, [(random.Random(0), (row, [True, True]))], cfg_dropout=0.0)
+    torch.manual_seed(0)
+    net = token_model.build("decoder", token_model.model_config({"arch": "decoder", "n_layer": 1, "d_model": 32,
+                                                                  "n_head": 2}, vocab))
+    counted = batch["targets"] != -100
+    ce = torch.nn.functional.cross_entropy(net(batch["tokens"], batch["doc_ids"], only=counted).float(),
+                                           batch["targets"][counted], reduction="none")
+    is_i2t = batch["task_ids"][counted] == TASK_NAMES.index("i2t")
+    assert 0 < int(is_i2t.sum()) < len(ce)
+    plain, stats = decoder_loss(net, batch)
+    assert torch.allclose(plain, ce.mean())
+    weights = TokenModelTask("decoder", None, TokenTrainSettings(task_weights={"i2t": 4}), [], "{}", ("t2i", "i2t")).target_weights
+    assert weights.tolist() == [4.0 if t.endswith("i2t") else 1.0 for t in TASK_NAMES]        # cm3:i2t too
+    weighted, same_stats = decoder_loss(net, batch, weights)
+    expected = (ce[~is_i2t].sum() + 4 * ce[is_i2t].sum()) / (int((~is_i2t).sum()) + 4 * int(is_i2t.sum()))
+    assert torch.allclose(weighted, expected) and not torch.allclose(weighted, plain)
+    assert same_stats == stats                            # per-task figures stay unweighted means
 
 
 def test_holdout_policies():
@@ -293,6 +320,11 @@ def test_train_spec_errors_name_the_key(tmp_path):
             ("stages.m.image_tokenizer", "image_code_digits"),
         "  m: {kind: train, inputs: [packed], model: {arch: parti}, rerank: 4}\n": ("stages.m.rerank", "not a parti"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, i2t_rerank: 0}\n": ("stages.m.i2t_rerank", ""),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, tasks: [t2i], task_weights: {i2t: 4}}\n":
+            ("stages.m.task_weights.i2t", "does not train"),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, task_weights: {i2t: 0}}\n": ("stages.m.task_weights", ""),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder}, task_weights: {cm3: 2}}\n": ("stages.m.task_weights", "cm3"),
+        "  m: {kind: train, inputs: [packed], model: {arch: valle}, task_weights: {tts: 2}}\n": ("stages.m.task_weights", "valle"),
     }
     for stage, (where, words) in cases.items():
         with pytest.raises(SpecError) as error:

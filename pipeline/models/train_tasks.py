@@ -46,6 +46,8 @@ class TokenTrainSettings(TrainSettings):
                                        # document boundaries (attention costs context^2, not seq_len^2);
                                        # a document longer than it does not train. None: whole rows
     holdout: str = "key"               # key | combinations (pipeline.models.holdout)
+    task_weights: dict | None = None   # decoder: {task: weight} of its target tokens in the loss, cm3: variants
+                                       # included (None: every target token counts once)
 
 
 def base_task(task: str) -> str:
@@ -93,6 +95,12 @@ class TokenModelTask:
         return Vocab.from_json(json.loads(self.vocab_json))
 
     @cached_property
+    def target_weights(self) -> torch.Tensor | None:
+        """The decoder loss's weight per TASK_NAMES entry (None when the settings weigh none)."""
+        weights = self.settings.task_weights
+        return None if not weights else torch.tensor([float(weights.get(base_task(t), 1.0)) for t in TASK_NAMES])
+
+    @cached_property
     def filter(self) -> DocumentFilter:
         return DocumentFilter(self.vocab, self.tasks, HoldOut(self.settings.holdout, self.settings.holdout_share), self.text)
 
@@ -132,7 +140,7 @@ class TokenModelTask:
 
     def loss(self, net, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.arch == "decoder":
-            return decoder_loss(net, batch)
+            return decoder_loss(net, batch, self.target_weights)
         if self.arch == "valle":
             loss, stats = net(batch)
             real = (batch["ar_tokens"] != self.vocab.special("<pad>")).sum() + sum(
@@ -208,14 +216,19 @@ def decoder_batch(vocab: Vocab, items: list[tuple[random.Random, tuple[dict, lis
             (("tokens", tokens), ("doc_ids", doc_ids), ("targets", targets), ("task_ids", task_ids))}
 
 
-def decoder_loss(net, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over target positions; per-task means and the token count as stats."""
+def decoder_loss(net, batch: dict, target_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy over target positions, each weighted by its task's entry of
+    `target_weights` (indexed like TASK_NAMES; None: all 1); per-task means and the token count as stats."""
     counted = batch["targets"] != -100
     logits = net(batch["tokens"], batch["doc_ids"], only=counted)          # (N, V): target positions only
     ce = F.cross_entropy(logits.float(), batch["targets"][counted], reduction="none")
-    loss = ce.sum() / counted.sum().clamp(min=1)
-    stats = {"tokens": float((batch["doc_ids"] >= 0).sum())}
     task_ids = batch["task_ids"][counted]
+    if target_weights is None:
+        loss = ce.sum() / counted.sum().clamp(min=1)
+    else:
+        weights = target_weights.to(ce.device)[task_ids]
+        loss = (ce * weights).sum() / weights.sum().clamp(min=1e-9)
+    stats = {"tokens": float((batch["doc_ids"] >= 0).sum())}
     for i, name in enumerate(TASK_NAMES):
         chosen = task_ids == i
         if chosen.any():

@@ -106,6 +106,14 @@ class Train(ModelStage):
         takes = token_model.arch(config.model["arch"]).tasks
         problems += [SpecProblem(("tasks",), f"{config.model['arch']} does not train on {t!r} (it takes {', '.join(takes)})")
                      for t in config.tasks or () if base_task(t) not in takes]
+        if config.task_weights and config.model["arch"] != "decoder":
+            problems.append(SpecProblem(("task_weights",), f"weighs a decoder's tasks; a {config.model['arch']} "
+                                                           "has its own losses"))
+        elif config.task_weights:
+            trained = {base_task(t) for t in config.tasks or takes}
+            problems += [SpecProblem(("task_weights", t), f"names a task the stage does not train (it trains "
+                                                          f"{', '.join(sorted(trained))})")
+                         for t in config.task_weights if t not in trained]
         return problems
 
     @property

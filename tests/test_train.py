@@ -13,9 +13,11 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from conftest import assert_recovers_after_worker_kill
 from token_models_job import DECODER, DIGITS_DECODER, TRAIN
+from pipeline.cli import app
 from pipeline.data import packed_rows, token_shards
 from pipeline.ledger import StageLedger
 from pipeline.models import token_model
@@ -223,10 +225,11 @@ def test_sample_cli_writes_images_captions_and_speech(token_models_job, tmp_path
     assert tts.returncode == 0, tts.stderr
     audio, rate = sf.read(tts.stdout.strip())
     assert rate == 24000 and np.isfinite(audio).all()
-    wrong = sample("--stage", "valle", "--task", "t2i", "--text", "a red circle")
-    assert wrong.returncode == 2 and "valle model does not sample images" in wrong.stderr
-    missing = sample("--stage", "nope", "--task", "t2i", "--text", "x")
-    assert missing.returncode == 2
+    usage = CliRunner()                                       # usage errors: in this process, no model to sample
+    wrong = usage.invoke(app, ["sample", str(spec), "--stage", "valle", "--task", "t2i", "--text", "a red circle"])
+    assert wrong.exit_code == 2 and "valle model does not sample images" in wrong.stderr
+    missing = usage.invoke(app, ["sample", str(spec), "--stage", "nope", "--task", "t2i", "--text", "x"])
+    assert missing.exit_code == 2 and "nope" in missing.stderr
 
 
 def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_is_stale(token_models_job, ray_address):

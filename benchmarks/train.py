@@ -16,6 +16,13 @@ pack stage does, in a vocabulary of 1024 text ids and 1024 image codes. Both con
 
 Both run at the stage's `--precision` (auto: bf16 autocast on a CPU with AVX512-BF16 or AMX, else fp32).
 
+The machine's own ceiling is measured too: `--workers` plain processes like the one above, started
+together, each on its own batches. Their summed tokens/s over `--workers` x one alone is what any
+`--workers`-process trainer could reach here (a VM whose vCPUs share cores, or memory bandwidth,
+caps it below 1); Ray Train's tokens/s over their sum is the share of it that Ray Train and DDP keep.
+Each contender's line also prints the CPU steal of its minutes (/proc/stat): on a VM whose host is busy,
+the machine's speed drifts between contenders measured minutes apart.
+
 Tokens are non-pad positions (`doc_ids >= 0`: held-out documents are padding too). Both take the
 median over the steps after the first `--skip`. Scaling efficiency = Ray Train tokens/s / (workers x
 plain tokens/s), target >= 0.8; data wait = mean `data_wait` of the Ray Train steps, target <= 5%.
@@ -113,6 +120,45 @@ def plain_steps(task: TokenModelTask, steps: int, device: str = "cpu") -> tuple[
     return records, sum(p.numel() for p in model.parameters())
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (Linux /proc/stat: user ... steal); [] where there is none."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return []
+
+
+def steal(before: list[int], after: list[int]) -> str:
+    """The share of CPU time the hypervisor gave to other guests between two cpu_times(): a VM's noise."""
+    if not before or not after:
+        return "CPU steal unknown"
+    spent = [b - a for a, b in zip(before, after)]
+    return f"CPU steal {spent[7] / max(sum(spent), 1):.1%}"
+
+
+def _concurrent_plain(task: TokenModelTask, steps: int, skip: int, start, results) -> None:
+    """One of the processes that measure the machine's ceiling: plain_steps on 1 thread once all are up."""
+    torch.set_num_threads(1)
+    start.wait()
+    results.put(steady(plain_steps(task, steps)[0], skip)["tokens_per_s"])
+
+
+def machine_ceiling(task: TokenModelTask, processes: int, steps: int, skip: int) -> list[float]:
+    """Median tokens/s of each of `processes` plain single-thread processes training at the same time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes), context.Queue()
+    running = [context.Process(target=_concurrent_plain, args=(task, steps, skip, start, results))
+               for _ in range(processes)]
+    for process in running:
+        process.start()
+    figures = [results.get(timeout=1800) for _ in running]
+    for process in running:
+        process.join()
+    return figures
+
+
 def measured_train_loop(config: dict) -> None:
     """train_loop as the stage runs it, after noting this worker's torch and OpenMP thread counts."""
     import ray.train
@@ -207,12 +253,19 @@ def main() -> None:
     task.settings.precision = args.precision
     threads = torch.get_num_threads()
     torch.set_num_threads(1)             # one worker's share of the machine
+    counters = [cpu_times()]
     plain_records, params = plain_steps(task, args.steps)
+    counters.append(cpu_times())
     torch.set_num_threads(threads)
     plain = steady(plain_records, args.skip)
 
+    together = machine_ceiling(task, args.workers, args.steps, args.skip)
+    counters.append(cpu_times())
+
     executor.connect(None, args.workers)
     ray_records, wall, worker_threads = ray_train(task, args.workers, work / "ray")
+    counters.append(cpu_times())
+    noise = [steal(a, b) for a, b in zip(counters, counters[1:])]
     ray_figures = steady(ray_records, args.skip)
 
     tokens = statistics.fmean(r["tokens"] for r in plain_records)
@@ -223,14 +276,21 @@ def main() -> None:
           f"(non-pad) per worker; median of steps {args.skip + 1}-{args.steps}; {os.cpu_count()} CPUs; precision "
           f"{args.precision}: {'bf16 autocast' if uses_bf16(torch.device('cpu'), args.precision) else 'fp32'}")
     print(f"  one process, 1 torch thread: {plain['tokens_per_s']:,.0f} tokens/s (overall {plain['overall']:,.0f}; "
-          f"step {plain['step_seconds']:.3f} s, data wait {plain['data_wait']:.1%})")
+          f"step {plain['step_seconds']:.3f} s, data wait {plain['data_wait']:.1%}; {noise[0]})")
     described = ", ".join(f"torch {t['torch']} / OMP_NUM_THREADS={t['OMP_NUM_THREADS']}" for t in worker_threads)
     print(f"  Ray Train, {args.workers} workers x 1 CPU ({described}): {ray_figures['tokens_per_s']:,.0f} tokens/s "
           f"(overall {ray_figures['overall']:,.0f}; step {ray_figures['step_seconds']:.3f} s, data wait "
-          f"{ray_figures['data_wait']:.1%}); trainer.fit {wall:.1f} s, its loop {ray_records[-1]['seconds']:.1f} s")
+          f"{ray_figures['data_wait']:.1%}); trainer.fit {wall:.1f} s, its loop {ray_records[-1]['seconds']:.1f} s; "
+          f"{noise[2]}")
+    ceiling = sum(together) / (args.workers * plain["tokens_per_s"])
+    print(f"  {args.workers} plain processes at once, 1 thread each: {' + '.join(f'{t:,.0f}' for t in together)} = "
+          f"{sum(together):,.0f} tokens/s: this machine's ceiling for {args.workers} processes, {ceiling:.3f} of linear "
+          f"({noise[1]})")
     efficiency = ray_figures["tokens_per_s"] / (args.workers * plain["tokens_per_s"])
     print(f"RATIO scaling efficiency: {efficiency:.3f} (target >= 0.8) {'PASS' if efficiency >= 0.8 else 'FAIL'}; "
           f"from overall tokens/s {ray_figures['overall'] / (args.workers * plain['overall']):.3f}")
+    print(f"  Ray Train keeps {ray_figures['tokens_per_s'] / sum(together):.3f} of what {args.workers} plain processes "
+          f"reach together here (the rest is DDP's gradient all-reduce and Ray's own processes)")
     wait = ray_figures["data_wait"]
     print(f"data-wait: {wait:.1%} (target <= 5%) {'PASS' if wait <= 0.05 else 'FAIL'}")
 

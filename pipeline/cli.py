@@ -144,7 +144,8 @@ def sample(job_file: str = typer.Argument(..., metavar="JOB.yaml"),
            cfg_scale: float = typer.Option(3.0, min=0.0, help="t2i classifier-free guidance (1: none)."),
            i2t_cfg_scale: float = typer.Option(1.0, min=0.0, help="i2t guidance against the caption prior (1: none)."),
            rerank: int = typer.Option(1, min=1, help="t2i: images sampled per sample, the model keeps its best (decoder)."),
-           i2t_rerank: int = typer.Option(1, min=1, help="i2t: captions sampled per sample, the model keeps its best."),
+           i2t_rerank: int = typer.Option(1, min=1, help="i2t: the caption and its N-1 likeliest one-token "
+                                           "deviations, the model keeps its best (decoder)."),
            seed: int = typer.Option(0)):
     """Sample a trained token model: captions to images, text to speech, images to captions."""
     from pipeline.models.samplers import TASKS, SamplingError, SamplingSettings

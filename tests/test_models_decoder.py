@@ -334,14 +334,16 @@ def test_image_to_text_guidance_is_against_the_t2i_caption_prior(vocab):
 
 
 def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
-    """rerank samples candidates with their own salts and keeps the image under which the caption is
-    likeliest (i2t), or the caption best by log P(image | caption) + CAPTION_WEIGHT x log P(caption | image)."""
+    """rerank samples images with their own salts and keeps the one under which the caption is likeliest
+    (i2t); i2t_rerank keeps, among the caption and its deviations, the one best by log P(image | caption)
+    + CAPTION_WEIGHT x log P(caption | image)."""
     from dataclasses import replace
 
     from pipeline.data import packing
     from pipeline.models.evaluation import _document_losses
     from pipeline.models.rerank import CAPTION_WEIGHT, target_log_likelihood
-    from pipeline.models.samplers import SamplingError, SamplingSettings, image_to_text, text_to_image
+    from pipeline.models.samplers import (SamplingError, SamplingSettings, caption_deviations, image_to_text,
+                                          text_to_image)
     from pipeline.models.token_model import TokenModel
 
     model = TokenModel("decoder", tiny_decoder(vocab, tie_embeddings=False), vocab)
@@ -359,8 +361,8 @@ def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
 
     greedy = replace(s, temperature=0.0)
     captions = [image_to_text(model, image, 5, greedy, salt=salt)]
-    captions += [image_to_text(model, image, 5, s, salt=salt + k * 100_003) for k in range(1, 4)]
-    assert len({tuple(x) for x in captions}) > 1
+    captions += caption_deviations(model, image, captions[0], 5, greedy, 3)
+    assert len({tuple(x) for x in captions}) == 4
     channel = [target_log_likelihood(model, packing.t2i(vocab, "", c, image))
                + CAPTION_WEIGHT * target_log_likelihood(model, packing.i2t(vocab, "", c, image)) for c in captions]
     assert image_to_text(model, image, 5, replace(greedy, i2t_rerank=4), salt=salt) == captions[int(np.argmax(channel))]
@@ -370,6 +372,55 @@ def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
     with pytest.raises(ValueError, match="need >= 1"):
         SamplingSettings(rerank=0)
 
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_caption_deviations_are_the_likeliest_one_id_departures_completed_greedily(vocab, scale):
+    """Checked against log-probabilities from the uncached forward of each prefix: every deviation
+    leaves the caption at one position, continues greedily, and no departure left out is likelier."""
+    from pipeline.models.samplers import SamplingSettings, caption_deviations, image_to_text
+    from pipeline.models.token_model import TokenModel
+
+    model = TokenModel("decoder", tiny_decoder(vocab, tie_embeddings=False), vocab)
+    image, text, eos = np.arange(4) % 16, vocab.range("text"), vocab.special("<eos>")
+    greedy = SamplingSettings(temperature=0, i2t_cfg_scale=scale)
+    prompt = [vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>"),
+              *vocab.to_global("image", image).tolist(), vocab.special("<eoi>")]
+    prior = [vocab.special("<bos>"), vocab.special("<t2i>")]
+    allowed = torch.full((vocab.size,), float("-inf"))
+    allowed[text.offset:text.offset + text.size] = allowed[eos] = 0
+
+    def log_probs(prefix):          # the next id after the caption prefix (local ids), guided as sampled
+        ids = vocab.to_global("text", prefix).tolist()
+        with torch.no_grad():
+            cond = model.net(torch.tensor([prompt + ids]))[0, -1]
+            logits = guide(cond, model.net(torch.tensor([prior + ids]))[0, -1], scale)
+        return (logits + allowed).log_softmax(-1)
+
+    def completion(prefix):
+        with torch.no_grad():
+            new = generate(model.net, torch.tensor([prompt + vocab.to_global("text", prefix).tolist()]), 8 - len(prefix),
+                           allowed=(text.offset, text.offset + text.size), stop=eos, temperature=0, cfg_scale=scale,
+                           uncond_prompt=torch.tensor([prior + vocab.to_global("text", prefix).tolist()]))
+        return prefix + [t - text.offset for t in itertools.takewhile(lambda t: t != eos, new[0].tolist())]
+
+    caption = image_to_text(model, image, 8, greedy)
+    assert caption == completion([])
+    written = [t + text.offset for t in caption] + ([eos] if len(caption) < 8 else [])
+    costs = {(p, a): float(row[a] - row[written[p]]) for p in range(len(written))
+             for row in [log_probs(caption[:p])] for a in range(vocab.size) if a != written[p] and row[a] > -math.inf}
+    deviations = caption_deviations(model, image, caption, 8, greedy, 5)
+    assert len(deviations) == 5
+    taken = []
+    for d in deviations:
+        p = next(i for i in range(len(written)) if i >= len(d) or d[i] + text.offset != written[i])
+        taken.append((p, eos if p == len(d) else d[p] + text.offset))
+        assert d == (caption[:p] if taken[-1][1] == eos else completion(caption[:p] + [d[p]]))
+    found = [costs[t] for t in taken]
+    assert found == sorted(found, reverse=True) and len(set(taken)) == 5
+    assert max(c for t, c in costs.items() if t not in taken) <= min(found) + 1e-4
+    one_id = caption_deviations(model, image, caption[:1], 1, greedy, 10**6)     # all there are: the other ids and <eos>
+    assert len(one_id) == text.size and [] in one_id
 
 # ---- Parti --------------------------------------------------------------------------------------
 

@@ -5,11 +5,13 @@ local to their vocabulary range (text, image, phoneme, audio codes), as the toke
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from pipeline.models.sampling import generate, guide, restrict
 from pipeline.models.token_model import TokenModel
 
 
@@ -22,7 +24,7 @@ class SamplingSettings:
     seed: int = 0
     i2t_cfg_scale: float = 1.0     # i2t guidance against the caption prior, the model's <t2i> captions (1: none)
     rerank: int = 1                # t2i: images sampled per caption, the model keeps the best (pipeline.models.rerank)
-    i2t_rerank: int = 1            # i2t: captions per image (this one + the rest at temperature 1), the best kept
+    i2t_rerank: int = 1            # i2t: captions per image (this one + its likeliest one-token deviations), the best kept
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
@@ -74,8 +76,6 @@ def _image_for(model: TokenModel, text: list[int], tokens: int, s: SamplingSetti
 
         return generate_image(model.net, vocab, list(text), tokens, temperature=s.temperature, top_k=s.top_k,
                               top_p=s.top_p, cfg_scale=s.cfg_scale, generator=s.generator(salt)).numpy()
-    from pipeline.models.sampling import generate
-
     head = [vocab.special("<bos>"), vocab.special("<t2i>")]
     prompt = _ids(head, vocab.to_global("text", text), [vocab.special("<boi>")])
     blank = _ids(head, [vocab.special("<pad>")] * len(text), [vocab.special("<boi>")])   # cfg_dropout's form
@@ -92,33 +92,62 @@ def image_to_text(model: TokenModel, image: np.ndarray, max_tokens: int, s: Samp
     With s.i2t_cfg_scale != 1 the logits are guided away from the caption prior: the unconditional
     stream is `<bos> <t2i>`, where the model writes a caption before any image (trained by the CM3
     variants of t2i documents), so what the image adds is amplified, e.g. a shape kind the training
-    captions never paired with the color just written. With s.i2t_rerank > 1, this caption and
-    i2t_rerank - 1 more sampled at temperature 1 compete, and the one that best explains the image
-    (noisy channel, pipeline.models.rerank) is kept."""
+    captions never paired with the color just written. With s.i2t_rerank > 1, this caption and its
+    i2t_rerank - 1 likeliest one-token deviations compete (caption_deviations), and the one that best
+    explains the image (noisy channel, pipeline.models.rerank) is kept."""
     require_task(model, "i2t")
     caption = _caption_for(model, image, max_tokens, s, salt)
     if s.i2t_rerank == 1:
         return caption
     from pipeline.models.rerank import best_caption
 
-    warm = replace(s, temperature=1.0)
-    captions = [caption] + [_caption_for(model, image, max_tokens, warm, salt + k * _CANDIDATE_SALT)
-                            for k in range(1, s.i2t_rerank)]
+    captions = [caption] + caption_deviations(model, image, caption, max_tokens, s, s.i2t_rerank - 1)
     return captions[best_caption(model, image, captions)]
 
 
-def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int) -> list[int]:
-    from pipeline.models.sampling import generate
+@torch.no_grad()
+def caption_deviations(model: TokenModel, image: np.ndarray, caption: list[int], max_tokens: int,
+                       s: SamplingSettings, n: int) -> list[list[int]]:
+    """The n captions that leave `caption` at one position for the likeliest other ids there (by how
+    much less likely each is than the id it replaces, under the same guidance), each completed
+    greedily: a caption's uncertain choices (a shape's kind) get their alternatives, and its sure
+    ones keep theirs. Fewer when fewer exist."""
+    vocab, text, eos = model.vocab, model.vocab.range("text"), model.vocab.special("<eos>")
+    written = vocab.to_global("text", caption).tolist() + ([eos] if len(caption) < max_tokens else [])
+    prompt, prior = _i2t_prompts(vocab, image, s)
+    logits = model.net(_ids(prompt, written))[0, prompt.shape[1] - 1:-1].float()      # predicts each written id
+    if prior is not None:
+        logits = guide(logits, model.net(_ids(prior, written))[0, prior.shape[1] - 1:-1].float(), s.i2t_cfg_scale)
+    log_probs = restrict(logits, (text.offset, text.offset + text.size), eos).log_softmax(dim=-1)
+    chosen = torch.tensor(written)[:, None]
+    cost = (log_probs - log_probs.gather(1, chosen)).scatter(1, chosen, float("-inf")).flatten()
+    best = cost.topk(min(n, int(cost.isfinite().sum()))).indices.tolist()
+    greedy = replace(s, temperature=0.0)
+    out = []
+    for position, token in (divmod(i, logits.shape[-1]) for i in best):
+        prefix = caption[:position]
+        out.append(prefix if token == eos else
+                   _caption_for(model, image, max_tokens, greedy, prefix=prefix + [token - text.offset]))
+    return out
 
-    vocab = model.vocab
+
+def _i2t_prompts(vocab, image: np.ndarray, s: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The captioning prompt for the image and, when s guides i2t, the caption prior's (`<bos> <t2i>`)."""
     prompt = _ids([vocab.special("<bos>"), vocab.special("<i2t>"), vocab.special("<boi>")],
                   vocab.to_global("image", image), [vocab.special("<eoi>")])
-    prior = _ids([vocab.special("<bos>"), vocab.special("<t2i>")]) if s.i2t_cfg_scale != 1 else None
-    text = vocab.range("text")
-    new = generate(model.net, prompt, max_tokens, allowed=(text.offset, text.offset + text.size),
-                   stop=vocab.special("<eos>"), temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                   cfg_scale=s.i2t_cfg_scale, uncond_prompt=prior, generator=s.generator(salt))[0].numpy()
-    return [int(token - text.offset) for token in itertools.takewhile(lambda t: t != vocab.special("<eos>"), new)]
+    return prompt, _ids([vocab.special("<bos>"), vocab.special("<t2i>")]) if s.i2t_cfg_scale != 1 else None
+
+
+def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0,
+                 prefix: Sequence[int] = ()) -> list[int]:
+    """A caption for the image that starts with the local text ids `prefix`."""
+    vocab, text, eos = model.vocab, model.vocab.range("text"), model.vocab.special("<eos>")
+    prompt, prior = _i2t_prompts(vocab, image, s)
+    given = vocab.to_global("text", list(prefix))
+    new = generate(model.net, _ids(prompt, given), max_tokens - len(prefix), allowed=(text.offset, text.offset + text.size),
+                   stop=eos, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.i2t_cfg_scale,
+                   uncond_prompt=None if prior is None else _ids(prior, given), generator=s.generator(salt))[0].numpy()
+    return list(prefix) + [int(token - text.offset) for token in itertools.takewhile(lambda t: t != eos, new)]
 
 
 def text_to_speech(model: TokenModel, phonemes: list[int], prompt: np.ndarray, max_frames: int,

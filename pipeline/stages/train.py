@@ -44,7 +44,7 @@ class _OwnKeys:
     cfg_scale: float = 3.0                   # t2i classifier-free guidance (1: none)
     i2t_cfg_scale: float = 1.0               # i2t guidance against the caption prior (1: none)
     rerank: int = 1                          # t2i: images sampled per caption, the model keeps its best (decoder)
-    i2t_rerank: int = 1                      # i2t: captions sampled per image, the model keeps its best
+    i2t_rerank: int = 1                      # i2t: the caption + its likeliest one-token deviations, the best kept
 
 
 TrainConfig = model_stage_config("TrainConfig", TokenTrainSettings, _OwnKeys)

@@ -73,7 +73,7 @@ def image_code_levels(work: TrainWork, vocab) -> tuple[int, ...]:
 
 class Train(ModelStage):
     kind = "train"
-    version = 1
+    version = 2                                  # 2: i2t_rerank's candidates are the caption's deviations
     Config = TrainConfig
     Settings = TokenTrainSettings
     shard = "model"

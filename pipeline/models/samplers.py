@@ -144,8 +144,9 @@ def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: Sampl
     vocab, text, eos = model.vocab, model.vocab.range("text"), model.vocab.special("<eos>")
     prompt, prior = _i2t_prompts(vocab, image, s)
     given = vocab.to_global("text", list(prefix))
-    new = generate(model.net, _ids(prompt, given), max_tokens - len(prefix), allowed=(text.offset, text.offset + text.size),
-                   stop=eos, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.i2t_cfg_scale,
+    new = generate(model.net, _ids(prompt, given), max_tokens - len(prefix),
+                   allowed=(text.offset, text.offset + text.size), stop=eos, temperature=s.temperature,
+                   top_k=s.top_k, top_p=s.top_p, cfg_scale=s.i2t_cfg_scale,
                    uncond_prompt=None if prior is None else _ids(prior, given), generator=s.generator(salt))[0].numpy()
     return list(prefix) + [int(token - text.offset) for token in itertools.takewhile(lambda t: t != eos, new)]
 

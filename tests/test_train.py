@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,11 @@ def stage_input(spec: Path, name: str):
     (item,) = stage.inputs({"sequences": planner.built_shards("sequences")},
                            {k: planner.built_shards(v) for k, v in stage.references().items()})
     return stage, item
+
+
+def states(spec: Path) -> dict[str, str]:
+    """{stage: state} of the job as `status` plans it now."""
+    return {name: s["state"] for name, s in job_status(load_job(spec))["stages"].items()}
 
 
 def training_task(spec: Path, name: str):
@@ -250,6 +256,20 @@ def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_is
         assert stage.run_name(item) != before["run"]
     finally:
         spec.write_text(original)
+
+
+def test_a_bumped_arch_version_retrains_that_archs_stages_alone(token_models_job, monkeypatch):
+    spec = token_models_job
+    valle, item = stage_input(spec, "valle")
+    decoder, _ = stage_input(spec, "decoder")
+    assert valle.fingerprint_config()["arch_version"] == token_model.arch("valle").version > 1
+    assert "arch_version" not in decoder.fingerprint_config()          # version 1: fingerprints as before versions
+    before, run_before = states(spec), valle.run_name(item)
+    archs = token_model._archs()
+    monkeypatch.setattr(token_model, "_archs", lambda: {**archs, "valle": replace(archs["valle"], version=99)})
+    after = states(spec)
+    assert after.pop("valle") == "stale" and before.pop("valle") != "stale" and after == before
+    assert valle.run_name(item) != run_before                           # a new Ray Train run: trains from step 0
 
 
 def test_bad_input_is_refused_with_a_clear_message(token_models_job, ray_address, tmp_path):

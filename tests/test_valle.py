@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.data import packing
 from pipeline.models.valle import NAR_INPUTS, NARModel, Valle, ValleConfig, collate, synthesize
@@ -56,6 +57,8 @@ def test_collate_scores_only_speech_and_eoa():
         assert batch["nar_targets"][i, :T].tolist() == d["speech"][q].tolist()
         assert (batch["nar_targets"][i, T:] == -100).all()
     assert batch["ar_tokens"].shape == batch["ar_targets"].shape == (2, 2 + 6 + 1 + 4 + 1 + 2)
+    audio0 = VOCAB.range("audio:0")
+    assert batch["ar_columns"].tolist() == [special("<eoa>"), *range(audio0.offset, audio0.offset + K)]
     assert batch["nar_phonemes"].shape == (2, 6) and batch["nar_phoneme_mask"].sum(1).tolist() == [3, 6]
     assert batch["nar_prompt"].shape == (2, N_Q, 4) and batch["nar_prompt_mask"].sum(1).tolist() == [2, 4]
     assert batch["nar_codes"].shape == (2, N_Q, 5) and batch["nar_frame_mask"].sum(1).tolist() == [5, 2]
@@ -77,11 +80,24 @@ def test_forward_backward_gives_every_parameter_a_gradient():
     assert torch.isfinite(loss)
     assert set(stats) == {"loss_tts_ar", "loss_tts_nar", "acc_tts_ar"} and 0 <= stats["acc_tts_ar"] <= 1
     assert loss.item() == pytest.approx(stats["loss_tts_ar"] + stats["loss_tts_nar"], rel=1e-5)
-    assert stats["loss_tts_ar"] == pytest.approx(np.log(VOCAB.size), rel=0.2)            # near-uniform at init
+    assert stats["loss_tts_ar"] == pytest.approx(np.log(K + 1), rel=0.2)   # near-uniform over <eoa> + audio:0 at init
     assert stats["loss_tts_nar"] == pytest.approx(np.log(K), rel=0.2)
     missing = [name for name, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient (DDP would need find_unused_parameters): {missing}"
     assert model.nar.head.weight.grad.abs().sum() > 0 and model.ar.embed.weight.grad.abs().sum() > 0
+
+
+def test_ar_loss_is_the_full_heads_cross_entropy_renormalized_over_what_it_can_predict():
+    torch.manual_seed(0)
+    model = Valle(config())
+    batch = collate(VOCAB, [tts_doc(0, 3, 2, 5), tts_doc(1, 6, 4, 2)], torch.Generator().manual_seed(0))
+    _, stats = model(batch)
+    targets, columns = batch["ar_targets"], batch["ar_columns"]
+    scored = targets != -100
+    full = model.ar(batch["ar_tokens"])[scored]                                        # (N, V): every id's logit
+    expected = F.cross_entropy(full[:, columns], torch.searchsorted(columns, targets[scored]))
+    assert stats["loss_tts_ar"] == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["loss_tts_ar"] < F.cross_entropy(full, targets[scored]).item()         # no mass on other ids
 
 
 def test_nar_predicts_codebook_q_from_codebooks_below_q_only():

@@ -159,14 +159,15 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                only: torch.Tensor | None = None) -> torch.Tensor:
+                only: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T).
 
         doc_ids None: each row is one document. doc_ids (B, T) (-1: padding): each position sees
         only its own document, positions restart at each document. cache: tokens follow the
         cached positions (and are added to the cache); doc_ids cannot be combined with it.
         only (B, T) bool: logits (N, V) of those N positions alone (training skips the lm head, a
-        third of the compute with a large vocabulary, where no target is)."""
+        third of the compute with a large vocabulary, where no target is). columns (K,) ids: logits over
+        those ids alone, (..., K) (for a model that only ever predicts them, as VALL-E's AR does)."""
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids cannot be used with a cache: a cache continues one document a row")
@@ -183,7 +184,8 @@ class Decoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, rope, cache, layer)
         x = self.norm(x if only is None else x[only])
-        return F.linear(x, table) if self.config.tie_embeddings else self.head(x)   # (B, T, V) or (N, V)
+        weight = table if self.config.tie_embeddings else self.head.weight            # (V, C)
+        return F.linear(x, weight if columns is None else weight[columns])           # (B, T, V|K) or (N, V|K)
 
     def token_table(self) -> torch.Tensor:
         """(V, C) every id's embedding: the embedding table, plus the digits' sums on image codes."""

@@ -22,6 +22,7 @@ class Arch:
     config: type
     model: type
     tasks: tuple[str, ...]        # the document tasks it trains on (cm3: variants included for the decoder)
+    version: int = 1              # bumped when the same config trains different weights: its stages retrain
 
 
 def _archs() -> dict[str, Arch]:
@@ -30,7 +31,7 @@ def _archs() -> dict[str, Arch]:
     from pipeline.models.valle import Valle, ValleConfig
 
     return {"decoder": Arch(DecoderConfig, Decoder, ("t2i", "i2t", "asr", "tts")),
-            "valle": Arch(ValleConfig, Valle, ("tts",)),
+            "valle": Arch(ValleConfig, Valle, ("tts",), version=2),    # 2: the AR's softmax is over what it can say
             "parti": Arch(PartiConfig, Parti, ("t2i",))}
 
 

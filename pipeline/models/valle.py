@@ -1,7 +1,7 @@
 """VALL-E: phonemes and a ~3 s speaker prompt -> codec tokens, as two transformers over one tts document.
 
     AR   a Decoder over global ids  <bos> <tts> phonemes <sep> prompt[0] <boa> speech[0] <eoa>, learning
-         speech[0] and <eoa> (codebook 0 carries the content, one token a frame)
+         speech[0] and <eoa> (codebook 0 carries the content, one token a frame) by a softmax over those ids alone
     NAR  a bidirectional transformer over [phonemes ; prompt frames ; target frames] that predicts codebook q
          of the target frames from their codebooks < q; synthesis runs it for q = 1..n_q-1, one level at a time
 
@@ -110,13 +110,15 @@ class Valle(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """A `collate` batch -> AR + NAR loss, and their stats."""
-        logits = self.ar(batch["ar_tokens"])                                                        # (B, L, V)
-        targets = batch["ar_targets"]                                                               # (B, L)
-        loss_ar = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        targets, columns = batch["ar_targets"], batch["ar_columns"]                                # (B, L), (K,)
+        scored = targets != IGNORE
+        logits = self.ar(batch["ar_tokens"], only=scored, columns=columns)                         # (N, K)
+        choice = torch.searchsorted(columns, targets[scored])                                      # (N,) in 0..K-1
+        loss_ar = F.cross_entropy(logits.float(), choice)
         nar_logits = self.nar(*(batch[f"nar_{k}"] for k in NAR_INPUTS))                            # (B, T, K)
         nar_targets = batch["nar_targets"]                                                          # (B, T)
         loss_nar = F.cross_entropy(nar_logits.flatten(0, 1).float(), nar_targets.flatten(), ignore_index=IGNORE)
-        acc = (logits.detach().argmax(-1) == targets)[targets != IGNORE].float().mean()
+        acc = (logits.detach().argmax(-1) == choice).float().mean()
         stats = {"loss_tts_ar": loss_ar.item(), "loss_tts_nar": loss_nar.item(), "acc_tts_ar": acc.item()}
         return loss_ar + loss_nar, stats
 
@@ -126,6 +128,8 @@ def collate(vocab: Vocab, docs: list[dict], q_generator: torch.Generator) -> dic
 
         ar_tokens  (B, L)          <bos> <tts> phonemes <sep> prompt[0] <boa> speech[0] (<pad> after)
         ar_targets (B, L)          the next token where it is speech[0] or <eoa>, else -100
+        ar_columns (K,)            the ids the AR can predict, sorted: <eoa> and audio:0's (its softmax is
+                                   over them alone, as sampling restricts it to them)
         nar_<NAR_INPUTS>           NARModel.forward's inputs; nar_q (B,) uniform in 1..n_q-1 from q_generator
         nar_targets (B, T)         codebook q of the speech, local codes (-100 on padding)
     """
@@ -137,8 +141,10 @@ def collate(vocab: Vocab, docs: list[dict], q_generator: torch.Generator) -> dic
         target[:len(target) - len(speech0) - 1] = IGNORE                     # score speech[0] and <eoa> only
         rows.append(row[:-1])
         targets.append(target)
+    audio0 = vocab.range("audio:0")
+    columns = torch.cat((torch.tensor([vocab.special("<eoa>")]), torch.arange(audio0.offset, audio0.offset + audio0.size)))
     batch = {"ar_tokens": _pad(rows, vocab.special("<pad>")), "ar_targets": _pad(targets, IGNORE),
-             **_nar_inputs(vocab, docs)}
+             "ar_columns": columns.sort().values, **_nar_inputs(vocab, docs)}
     n_q = batch["nar_codes"].shape[1]
     q = torch.randint(1, n_q, (len(docs),), generator=q_generator)                                 # (B,)
     batch["nar_q"] = q

@@ -116,6 +116,12 @@ class Train(ModelStage):
                          for t in config.task_weights if t not in trained]
         return problems
 
+    def fingerprint_config(self) -> dict:
+        """The config, and the arch's version once bumped (in the run name too, so its models retrain)."""
+        config = super().fingerprint_config()
+        version = token_model.arch(self.config.model["arch"]).version
+        return config if version == 1 else {**config, "arch_version": version}
+
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.config.tasks or token_model.arch(self.config.model["arch"]).tasks)

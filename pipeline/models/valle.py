@@ -141,8 +141,8 @@ def collate(vocab: Vocab, docs: list[dict], q_generator: torch.Generator) -> dic
         target[:len(target) - len(speech0) - 1] = IGNORE                     # score speech[0] and <eoa> only
         rows.append(row[:-1])
         targets.append(target)
-    audio0 = vocab.range("audio:0")
-    columns = torch.cat((torch.tensor([vocab.special("<eoa>")]), torch.arange(audio0.offset, audio0.offset + audio0.size)))
+    (lo, hi), eoa = _ar_outputs(vocab)
+    columns = torch.cat((torch.tensor([eoa]), torch.arange(lo, hi)))
     batch = {"ar_tokens": _pad(rows, vocab.special("<pad>")), "ar_targets": _pad(targets, IGNORE),
              "ar_columns": columns.sort().values, **_nar_inputs(vocab, docs)}
     n_q = batch["nar_codes"].shape[1]
@@ -164,9 +164,9 @@ def synthesize(model: Valle, vocab: Vocab, phonemes: list[int], prompt: torch.Te
     model.eval()
     device = next(model.parameters()).device
     prompt = np.asarray(torch.as_tensor(prompt).cpu())
-    audio0, eoa = vocab.range("audio:0"), vocab.special("<eoa>")
+    allowed, eoa = _ar_outputs(vocab)
     head = torch.as_tensor(_ar_head(vocab, phonemes, prompt), dtype=torch.long, device=device)[None]     # (1, L0)
-    new = generate(model.ar, head, max_frames, allowed=(audio0.offset, audio0.offset + audio0.size), stop=eoa,
+    new = generate(model.ar, head, max_frames, allowed=allowed, stop=eoa,
                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]     # (n <= max_frames,)
     first = new[new != eoa].tolist()                               # generate ends at <eoa> (batch of one)
     codes = np.zeros((len(prompt), len(first)), dtype=np.int64)
@@ -179,6 +179,12 @@ def synthesize(model: Valle, vocab: Vocab, phonemes: list[int], prompt: torch.Te
         nar["nar_codes"][0, q] = logits[0].argmax(-1) + offsets[q]
     model.train(training)
     return (nar["nar_codes"][0] - offsets[:, None]).cpu()                                           # (n_q, T)
+
+
+def _ar_outputs(vocab: Vocab) -> tuple[tuple[int, int], int]:
+    """What the AR predicts, in training (its softmax) and sampling alike: codebook 0's ids [lo, hi), and <eoa>."""
+    audio0 = vocab.range("audio:0")
+    return (audio0.offset, audio0.offset + audio0.size), vocab.special("<eoa>")
 
 
 def _ar_head(vocab: Vocab, phonemes, prompt: np.ndarray) -> np.ndarray:

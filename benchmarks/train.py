@@ -91,7 +91,7 @@ def decoder_task(vocab, files: list[str], layers: int, d_model: int, heads: int,
     """The train stage's task for a decoder on the t2i documents of `files`; checkpoint and metrics
     flush only at the last step (outside every step's clock anyway)."""
     config = token_model.model_config({"arch": "decoder", "n_layer": layers, "d_model": d_model, "n_head": heads},
-                                      vocab)
+                                      vocab, tasks=("t2i",))
     settings = TokenTrainSettings(steps=steps, batch_size=batch, warmup_steps=min(10, steps),
                                   checkpoint_every=steps, log_every=steps)
     return TokenModelTask("decoder", config, settings, files, json.dumps(vocab.to_json()), ("t2i",))

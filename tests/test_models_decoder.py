@@ -85,6 +85,55 @@ def test_decoder_loss_is_the_mean_over_targets_and_per_task(vocab):
     assert stats["tokens"] == 15
 
 
+def test_a_decoder_with_output_ranges_predicts_those_ids_alone(vocab):
+    from pipeline.data.packing import task_ranges
+    from pipeline.models.decoder import MASKED_LOGIT
+    from pipeline.models.train_tasks import TASK_NAMES, decoder_loss
+
+    ranges = task_ranges(vocab, ("t2i", "cm3:i2t"))
+    text, image = vocab.range("text"), vocab.range("image")
+    assert ranges == [(0, text.offset + text.size), (image.offset, image.offset + image.size)]  # specials+text merged
+    model, full = tiny_decoder(vocab, output_ranges=tuple(ranges)), tiny_decoder(vocab)          # same weights
+    outputs = torch.cat([torch.arange(lo, hi) for lo, hi in ranges])
+    x, doc_ids = tokens(vocab, 2, 9), torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [-1] * 3])
+    logits, unrestricted = model(x, doc_ids), full(x, doc_ids)
+    kept = torch.zeros(vocab.size, dtype=torch.bool)
+    kept[outputs] = True
+    torch.testing.assert_close(logits[..., kept], unrestricted[..., kept])
+    assert (logits[..., ~kept] == MASKED_LOGIT).all()                      # phonemes and audio: never predicted
+    cache = model.new_cache()                                              # sampling sees the same restriction
+    torch.testing.assert_close(torch.cat([model(x[:1, :4], cache=cache), model(x[:1, 4:], cache=cache)], 1),
+                               model(x[:1]), atol=1e-5, rtol=0)
+    # training's loss: the softmax over the outputs alone, i.e. the masked logits' cross-entropy
+    targets = torch.full((2, 9), -100)
+    targets[0, 1:3], targets[1, 2:5] = outputs[[3, 40]], outputs[[0, 50, 71]]
+    batch = {"tokens": x, "doc_ids": doc_ids, "targets": targets,
+             "task_ids": torch.where(targets != -100, TASK_NAMES.index("t2i"), -1)}
+    loss, _ = decoder_loss(model, batch, outputs=model.outputs)
+    counted = targets != -100
+    torch.testing.assert_close(loss, F.cross_entropy(logits[counted], targets[counted]))
+    assert loss < F.cross_entropy(unrestricted[counted], targets[counted])   # the other ids' mass is gone
+    targets[1, 6] = vocab.range("audio:1").offset                          # a target it cannot predict
+    with pytest.raises(ValueError, match=f"target id {vocab.range('audio:1').offset} is outside"):
+        decoder_loss(model, {**batch, "targets": targets}, outputs=model.outputs)
+    with pytest.raises(ConfigError, match="output_ranges"):
+        DecoderConfig(vocab_size=vocab.size, output_ranges=((5, 3),))
+
+
+def test_task_ranges_cover_each_tasks_documents(vocab):
+    from pipeline.data import packing
+
+    image, audio = np.arange(8) % 16, np.arange(12).reshape(2, 6) % 8
+    docs = [packing.t2i(vocab, "a", [1, 2], image), packing.i2t(vocab, "b", [3], image),
+            packing.tts(vocab, "c", [0, 1], audio[:, :2], audio), packing.asr(vocab, "d", audio, [4, 5])]
+    for doc in docs:
+        ranges = packing.task_ranges(vocab, [doc.task])
+        inside = lambda ids: all(any(lo <= i < hi for lo, hi in ranges) for i in ids)
+        assert inside(doc.tokens), doc.task
+    assert packing.task_ranges(vocab, ["t2i"]) == packing.task_ranges(vocab, ["i2t"])
+    assert not any(lo <= vocab.range("audio:1").offset < hi for lo, hi in packing.task_ranges(vocab, ["asr"]))
+
+
 def test_kv_cache_matches_full_forward(vocab):
     model = tiny_decoder(vocab)
     x = tokens(vocab, 2, 10)

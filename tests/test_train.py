@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import assert_recovers_after_worker_kill
 from token_models_job import DECODER, DIGITS_DECODER, TRAIN
 from pipeline.cli import app
-from pipeline.data import packed_rows, token_shards
+from pipeline.data import packed_rows, packing, token_shards
 from pipeline.ledger import StageLedger
 from pipeline.models import token_model
 from pipeline.models.holdout import HoldOut, held_out_pairs
@@ -82,6 +82,9 @@ def test_models_train_report_metrics_and_evaluate(token_models_job):
     digits = token_model.load(shards(spec, "decoder"))             # FSQ 8x6x5 image codes: digit embeddings
     assert tuple(digits.config.image_code_levels) == (8, 6, 5)
     assert digits.config.image_code_start == digits.vocab.range("image").offset
+    audio = digits.vocab.range("audio:0").offset                   # its softmax: its tasks' ids, not the speech's
+    assert [tuple(r) for r in digits.config.output_ranges] == packing.task_ranges(digits.vocab, ("t2i", "i2t"))
+    assert not any(lo <= audio < hi for lo, hi in digits.config.output_ranges)
     pngs = sorted(shards(spec, "decoder").glob("t2i-*.png"))
     assert len(pngs) == 2 and all(Image.open(png).size == (32, 32) for png in pngs)
     valle = json.loads((shards(spec, "valle") / "eval.json").read_text())
@@ -261,9 +264,9 @@ def test_rerun_does_nothing_a_sampling_change_reevaluates_and_a_config_change_is
 def test_a_bumped_arch_version_retrains_that_archs_stages_alone(token_models_job, monkeypatch):
     spec = token_models_job
     valle, item = stage_input(spec, "valle")
-    decoder, _ = stage_input(spec, "decoder")
+    parti, _ = stage_input(spec, "parti")
     assert valle.fingerprint_config()["arch_version"] == token_model.arch("valle").version > 1
-    assert "arch_version" not in decoder.fingerprint_config()          # version 1: fingerprints as before versions
+    assert "arch_version" not in parti.fingerprint_config()            # version 1: fingerprints as before versions
     before, run_before = states(spec), valle.run_name(item)
     archs = token_model._archs()
     monkeypatch.setattr(token_model, "_archs", lambda: {**archs, "valle": replace(archs["valle"], version=99)})
@@ -334,6 +337,8 @@ def test_train_spec_errors_name_the_key(tmp_path):
         "  m: {kind: train, inputs: [packed], model: {arch: gpt5}}\n": ("stages.m.model", "arch"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder, layers: 3}}\n": ("stages.m.model.layers", "not a decoder key"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder, d_model: 100, n_head: 3}}\n": ("stages.m.model.d_model", ""),
+        "  m: {kind: train, inputs: [packed], model: {arch: decoder, output_ranges: [[0, 9]]}}\n":
+            ("stages.m.model.output_ranges", "set from the vocabulary"),
         "  m: {kind: train, inputs: [packed], model: {arch: valle}, tasks: [t2i]}\n": ("stages.m.tasks", "does not train on"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, holdout: combinations}\n": ("stages.m.text_tokenizer", "required"),
         "  m: {kind: train, inputs: [packed], model: {arch: decoder}, precision: fp16}\n": ("stages.m.precision", "fp16"),

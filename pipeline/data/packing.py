@@ -32,6 +32,25 @@ class Document:
     target: int               # index in tokens where the target part begins
 
 
+TASK_MODALITIES = {"t2i": ("text", "image"), "i2t": ("text", "image"), "tts": ("phoneme", "audio:"),
+                   "asr": ("audio:0", "text")}     # the ranges a document's body holds ("audio:": every codebook)
+
+
+def task_ranges(vocab: Vocab, tasks) -> list[tuple[int, int]]:
+    """The id ranges [lo, hi) that documents of `tasks` ("cm3:" variants alike: their target is the
+    whole body) can hold where a model predicts: the specials and the tasks' modalities, adjacent
+    ranges merged, in id order."""
+    wanted = {"special"} | {m for t in tasks for m in TASK_MODALITIES[t.removeprefix("cm3:")]}
+    merged: list[tuple[int, int]] = []
+    for r in vocab.ranges:
+        if r.name in wanted or (r.name.startswith("audio:") and "audio:" in wanted):
+            if merged and merged[-1][1] == r.offset:
+                merged[-1] = (merged[-1][0], r.offset + r.size)
+            else:
+                merged.append((r.offset, r.offset + r.size))
+    return merged
+
+
 def t2i(vocab: Vocab, key: str, text: list[int], image: np.ndarray) -> Document:
     head = _ids(vocab, "<bos>", "<t2i>"), vocab.to_global("text", text), _ids(vocab, "<boi>")
     return _document(key, "t2i", head, (vocab.to_global("image", image), _ids(vocab, "<eoi>", "<eos>")))

@@ -60,6 +60,9 @@ class DecoderConfig:
                                         # (a hue, an edge) share what is learned about it, rare codes included
     image_code_levels: tuple[int, ...] = ()   # the FSQ levels (8, 5, 5, 5), set from the image tokenizer
     image_code_start: int = -1          # the first image-code id, set from the vocabulary
+    output_ranges: tuple[tuple[int, int], ...] = ()   # the id ranges [lo, hi) it predicts, set from the vocabulary
+                                        # and its tasks (packing.task_ranges): its softmax is over them alone,
+                                        # every other id gets MASKED_LOGIT; (): every id
 
     def __post_init__(self):
         require("DecoderConfig", [("n_layer", self.n_layer > 0, f"must be positive, not {self.n_layer}"),
@@ -70,11 +73,25 @@ class DecoderConfig:
                                    f"grid, not {self.image_grid}"),
                                   ("image_code_levels", all(n > 1 for n in self.image_code_levels),
                                    f"must be FSQ levels (each > 1), not {self.image_code_levels}"),
+                                  ("output_ranges", ranges_ok(self.output_ranges, self.vocab_size),
+                                   f"must be ascending, disjoint id ranges [lo, hi) inside the vocabulary of "
+                                   f"{self.vocab_size}, not {self.output_ranges}"),
                                   *transformer_checks(self)])
 
     @property
     def transformer(self) -> TransformerConfig:
         return TransformerConfig(self.d_model, self.n_head, self.mlp_ratio, self.dropout, self.rope_base)
+
+
+MASKED_LOGIT = -1e4                     # an id outside output_ranges: exp() is 0 in any float, and guidance's
+                                        # differences of two such logits stay finite (0), unlike -inf's
+
+
+def ranges_ok(ranges, vocab_size: int) -> bool:
+    """Whether `ranges` are ascending, disjoint, non-empty [lo, hi) inside [0, vocab_size)."""
+    ends = [0] + [x for lo_hi in ranges for x in lo_hi]
+    return all(a <= b for a, b in zip(ends, ends[1:])) and all(lo < hi for lo, hi in ranges) and \
+        (not ranges or ends[-1] <= vocab_size)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -154,6 +171,8 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(config.n_layer))
         self.norm = RMSNorm(c.d_model)
         self.head = lm_head(self.embed, config.tie_embeddings)
+        outputs = [torch.arange(lo, hi) for lo, hi in config.output_ranges]
+        self.register_buffer("outputs", torch.cat(outputs) if outputs else None, persistent=False)   # (K,) or None
         self.apply(init_weights)
         init_residual_projections(self.blocks)
 
@@ -167,7 +186,8 @@ class Decoder(nn.Module):
         cached positions (and are added to the cache); doc_ids cannot be combined with it.
         only (B, T) bool: logits (N, V) of those N positions alone (training skips the lm head, a
         third of the compute with a large vocabulary, where no target is). columns (K,) ids: logits over
-        those ids alone, (..., K) (for a model that only ever predicts them, as VALL-E's AR does)."""
+        those ids alone, (..., K) (training passes `outputs`; VALL-E's AR, its codebook 0 and <eoa>).
+        Without columns, a model with output_ranges scores those ids alone and gives the rest MASKED_LOGIT."""
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids cannot be used with a cache: a cache continues one document a row")
@@ -185,7 +205,12 @@ class Decoder(nn.Module):
             x = block(x, mask, rope, cache, layer)
         x = self.norm(x if only is None else x[only])
         weight = table if self.config.tie_embeddings else self.head.weight            # (V, C)
-        return F.linear(x, weight if columns is None else weight[columns])           # (B, T, V|K) or (N, V|K)
+        if columns is not None:
+            return F.linear(x, weight[columns])                                        # (B, T, K) or (N, K)
+        if self.outputs is None:
+            return F.linear(x, weight)                                                 # (B, T, V) or (N, V)
+        logits = F.linear(x, weight[self.outputs])
+        return logits.new_full((*logits.shape[:-1], len(weight)), MASKED_LOGIT).index_copy(-1, self.outputs, logits)
 
     def token_table(self) -> torch.Tensor:
         """(V, C) every id's embedding: the embedding table, plus the digits' sums on image codes."""

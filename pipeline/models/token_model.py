@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from pipeline.data import packing
 from pipeline.tokenizers import model_files
 from pipeline.tokenizers.config_checks import ConfigError
 from pipeline.tokenizers.vocab import Vocab
@@ -30,12 +31,15 @@ def _archs() -> dict[str, Arch]:
     from pipeline.models.parti import Parti, PartiConfig
     from pipeline.models.valle import Valle, ValleConfig
 
-    return {"decoder": Arch(DecoderConfig, Decoder, ("t2i", "i2t", "asr", "tts")),
+    return {"decoder": Arch(DecoderConfig, Decoder, ("t2i", "i2t", "asr", "tts"), version=2),   # 2: its softmax is
+                                                                                              # over its tasks' ids
             "valle": Arch(ValleConfig, Valle, ("tts",), version=2),    # 2: the AR's softmax is over what it can say
             "parti": Arch(PartiConfig, Parti, ("t2i",))}
 
 
 ARCH_NAMES = ("decoder", "valle", "parti")
+FROM_VOCABULARY = ("vocab_size", "n_q", "codebook_size", "boi_id", "image_code_levels", "image_code_start",
+                   "output_ranges")           # config keys model_config fills in
 
 
 def arch(name: str) -> Arch:
@@ -53,14 +57,18 @@ def check_model_keys(model: dict) -> None:
     config = arch(name).config
     known = {f.name for f in fields(config)}
     for key in model:
+        if key in FROM_VOCABULARY:
+            raise ConfigError("model", key, "is set from the vocabulary, the stage's tasks and its tokenizers, "
+                                            "not in the spec")
         if key != "arch" and key not in known:
             raise ConfigError("model", key, f"is not a {name} key (keys: {', '.join(sorted(known))})")
     config(**{k: v for k, v in model.items() if k != "arch"})
 
 
-def model_config(model: dict, vocab: Vocab, image_code_levels: tuple[int, ...] = ()):
+def model_config(model: dict, vocab: Vocab, image_code_levels: tuple[int, ...] = (), tasks: tuple[str, ...] = ()):
     """The arch's config for the spec's `model:` mapping, sized from `vocab` (and, for a decoder with
-    image_code_digits, from the FSQ levels of the image tokenizer that made its image codes)."""
+    image_code_digits, from the FSQ levels of the image tokenizer that made its image codes). A decoder
+    given the `tasks` it trains on predicts only the ids their documents hold (() : every id)."""
     check_model_keys(model)
     cls = arch(model["arch"]).config
     sizes = {"vocab_size": vocab.size}
@@ -73,6 +81,8 @@ def model_config(model: dict, vocab: Vocab, image_code_levels: tuple[int, ...] =
         sizes["boi_id"] = vocab.special("<boi>")
     if model["arch"] == "decoder" and model.get("image_code_digits"):
         sizes.update(image_code_levels=tuple(image_code_levels), image_code_start=vocab.range("image").offset)
+    if model["arch"] == "decoder" and tasks:
+        sizes["output_ranges"] = tuple(packing.task_ranges(vocab, tasks))
     return cls(**{k: v for k, v in model.items() if k != "arch"}, **sizes)
 
 

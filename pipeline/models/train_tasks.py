@@ -140,7 +140,7 @@ class TokenModelTask:
 
     def loss(self, net, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.arch == "decoder":
-            return decoder_loss(net, batch, self.target_weights)
+            return decoder_loss(net, batch, self.target_weights, model.outputs)
         if self.arch == "valle":
             loss, stats = net(batch)
             real = (batch["ar_tokens"] != self.vocab.special("<pad>")).sum() + sum(
@@ -186,6 +186,16 @@ def windows(row: dict, kept: list[bool], context: int | None) -> Iterator[tuple[
         yield window, [True] * len(take)
 
 
+def output_columns(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each target id's index in the ascending ids `outputs`; ValueError naming an id outside them."""
+    columns = torch.searchsorted(outputs, targets).clamp(max=len(outputs) - 1)
+    outside = outputs[columns] != targets
+    if outside.any():
+        raise ValueError(f"target id {int(targets[outside][0])} is outside the ids the model predicts "
+                         f"(its output_ranges); {int(outside.sum())} such targets in this batch")
+    return columns
+
+
 TASK_NAMES = ("t2i", "i2t", "tts", "asr", "cm3:t2i", "cm3:i2t", "cm3:tts", "cm3:asr")
 
 
@@ -216,12 +226,17 @@ def decoder_batch(vocab: Vocab, items: list[tuple[random.Random, tuple[dict, lis
             (("tokens", tokens), ("doc_ids", doc_ids), ("targets", targets), ("task_ids", task_ids))}
 
 
-def decoder_loss(net, batch: dict, target_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def decoder_loss(net, batch: dict, target_weights: torch.Tensor | None = None,
+                 outputs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Mean next-token cross-entropy over target positions, each weighted by its task's entry of
-    `target_weights` (indexed like TASK_NAMES; None: all 1); per-task means and the token count as stats."""
+    `target_weights` (indexed like TASK_NAMES; None: all 1), its softmax over the model's `outputs`
+    ids (None: every id); per-task means and the token count as stats."""
     counted = batch["targets"] != -100
-    logits = net(batch["tokens"], batch["doc_ids"], only=counted)          # (N, V): target positions only
-    ce = F.cross_entropy(logits.float(), batch["targets"][counted], reduction="none")
+    targets = batch["targets"][counted]
+    logits = net(batch["tokens"], batch["doc_ids"], only=counted, columns=outputs)   # (N, V|K): target positions only
+    if outputs is not None:
+        targets = output_columns(outputs, targets)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
     task_ids = batch["task_ids"][counted]
     if target_weights is None:
         loss = ce.sum() / counted.sum().clamp(min=1)

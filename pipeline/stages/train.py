@@ -138,7 +138,7 @@ class Train(ModelStage):
     def task(self, work: TrainWork) -> TokenModelTask:
         vocab = packed_rows.common_vocab(list(work.files))
         levels = image_code_levels(work, vocab) if self.config.model.get("image_code_digits") else ()
-        config = token_model.model_config(self.config.model, vocab, levels)
+        config = token_model.model_config(self.config.model, vocab, levels, self.tasks)
         return TokenModelTask(self.config.model["arch"], config, self.settings, list(work.files),
                               json.dumps(vocab.to_json()), self.tasks, work.text)
 

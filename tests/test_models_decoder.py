@@ -293,6 +293,13 @@ def test_top_k_1_and_tiny_top_p_are_greedy(vocab):
     assert torch.equal(generate(model, prompt, 8, top_p=1e-6, generator=torch.Generator().manual_seed(4)), greedy)
 
 
+def test_a_batch_with_a_generator_per_row_samples_each_row_as_it_would_alone(vocab):
+    model, prompt = tiny_decoder(vocab), tokens(vocab, 1, 4)
+    alone = [generate(model, prompt, 8, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2, 3)]
+    batch = generate(model, prompt.expand(3, -1), 8, generator=[torch.Generator().manual_seed(seed) for seed in (1, 2, 3)])
+    assert torch.equal(batch, torch.cat(alone)) and len({tuple(row.tolist()) for row in batch}) == 3
+
+
 def test_sample_next_keeps_to_top_k_and_top_p():
     logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).expand(500, 5)
     picked = sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(0))

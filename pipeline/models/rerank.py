@@ -21,18 +21,26 @@ CAPTION_WEIGHT = 0.5    # picked on validation captions of the demo: 0 / 0.5 / 1
 
 
 @torch.no_grad()
-def target_log_likelihood(model: TokenModel, doc: packing.Document) -> float:
-    """log P(the document's target part | the rest before it), summed over its ids, under a decoder
-    (`doc`: a packing.Document or a packed_rows.PackedDocument)."""
-    tokens = torch.from_numpy(np.asarray(doc.tokens, np.int64))[None]
-    logits = model.net(tokens)[0, doc.target - 1:-1].float()
-    return -float(F.cross_entropy(logits, tokens[0, doc.target:], reduction="sum"))
+def target_log_likelihoods(model: TokenModel, docs: list) -> list[float]:
+    """log P(each document's target part | the rest before it), summed over its ids, under a decoder
+    (`docs`: packing.Documents or packed_rows.PackedDocuments of one length and target index, run as
+    one batch)."""
+    tokens = torch.from_numpy(np.stack([np.asarray(doc.tokens, np.int64) for doc in docs]))
+    target = docs[0].target
+    logits = model.net(tokens)[:, target - 1:-1].float()                 # (B, L - target, V)
+    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, target:], reduction="none").sum(dim=1)
+    return (-nll).tolist()
+
+
+def target_log_likelihood(model: TokenModel, doc) -> float:
+    """log P(the document's target part | the rest before it), summed over its ids, under a decoder."""
+    return target_log_likelihoods(model, [doc])[0]
 
 
 def best_image(model: TokenModel, text: list[int], images: list[np.ndarray]) -> int:
-    """Index of the image (local codes) under which the caption (local text ids) is likeliest."""
-    scores = [target_log_likelihood(model, packing.i2t(model.vocab, "", text, image)) for image in images]
-    return int(np.argmax(scores))
+    """Index of the image (local codes) under which the caption (local text ids) is likeliest (the
+    candidates' documents have one length: scored as one batch)."""
+    return int(np.argmax(target_log_likelihoods(model, [packing.i2t(model.vocab, "", text, image) for image in images])))
 
 
 def best_caption(model: TokenModel, image: np.ndarray, captions: list[list[int]]) -> int:

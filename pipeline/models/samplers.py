@@ -60,29 +60,33 @@ def text_to_image(model: TokenModel, text: list[int], tokens: int, s: SamplingSe
     s.rerank > 1, the candidate under which the model finds the caption likeliest (it must do i2t)."""
     require_task(model, "t2i")
     if s.rerank == 1:
-        return _image_for(model, text, tokens, s, salt)
+        return _images_for(model, text, tokens, s, [salt])[0]
     if model.arch not in TASKS["i2t"]:
         raise SamplingError(f"rerank needs a model that also captions images (a decoder), not a {model.arch}")
     from pipeline.models.rerank import best_image
 
-    images = [_image_for(model, text, tokens, s, salt + k * _CANDIDATE_SALT) for k in range(s.rerank)]
-    return images[best_image(model, text, images)]
+    images = _images_for(model, text, tokens, s, [salt + k * _CANDIDATE_SALT for k in range(s.rerank)])
+    return images[best_image(model, text, list(images))]
 
 
-def _image_for(model: TokenModel, text: list[int], tokens: int, s: SamplingSettings, salt: int) -> np.ndarray:
+def _images_for(model: TokenModel, text: list[int], tokens: int, s: SamplingSettings, salts: list[int]) -> np.ndarray:
+    """(len(salts), tokens) local image codes for the caption, one image a salt; a decoder samples them
+    as one batch (each row with its salt's generator: ~3x faster for 4 than one at a time on 1 core)."""
     vocab = model.vocab
     if model.arch == "parti":
         from pipeline.models.parti import generate_image
 
-        return generate_image(model.net, vocab, list(text), tokens, temperature=s.temperature, top_k=s.top_k,
-                              top_p=s.top_p, cfg_scale=s.cfg_scale, generator=s.generator(salt)).numpy()
+        return np.stack([generate_image(model.net, vocab, list(text), tokens, temperature=s.temperature, top_k=s.top_k,
+                                        top_p=s.top_p, cfg_scale=s.cfg_scale, generator=s.generator(salt)).numpy()
+                         for salt in salts])
     head = [vocab.special("<bos>"), vocab.special("<t2i>")]
-    prompt = _ids(head, vocab.to_global("text", text), [vocab.special("<boi>")])
+    prompt = _ids(head, vocab.to_global("text", text), [vocab.special("<boi>")]).expand(len(salts), -1)
     blank = _ids(head, [vocab.special("<pad>")] * len(text), [vocab.special("<boi>")])   # cfg_dropout's form
     image = vocab.range("image")
     codes = generate(model.net, prompt, tokens, allowed=(image.offset, image.offset + image.size),
                      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
-                     uncond_prompt=blank if s.cfg_scale != 1 else None, generator=s.generator(salt))[0]
+                     uncond_prompt=blank.expand(len(salts), -1) if s.cfg_scale != 1 else None,
+                     generator=[s.generator(salt) for salt in salts])
     return vocab.to_local("image", codes.numpy())
 
 

@@ -19,11 +19,15 @@ from pipeline.models.layers import KVCache
 Step = Callable[[torch.Tensor], torch.Tensor]       # new tokens (B, t) -> logits at the last one (B, V)
 
 
+Generators = torch.Generator | list[torch.Generator] | None   # one for the batch, or one per row
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None) -> torch.Tensor:
     """One token (B,) from logits (B, V): greedy at temperature 0, else from the softmax at
     `temperature`, limited to the top_k tokens (0: all) and to the smallest set of tokens whose
-    probability reaches top_p (nucleus; 1: all)."""
+    probability reaches top_p (nucleus; 1: all). With a list of B generators, row b draws from the
+    b-th, so a row samples as it would alone."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and top_p in (0, 1]; got {temperature}, {top_k}, {top_p}")
     if temperature == 0:
@@ -37,7 +41,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         probs = ranked.softmax(dim=-1)
         beyond = probs.cumsum(dim=-1) - probs >= top_p        # the mass before it already reaches top_p
         logits = logits.scatter(-1, order, ranked.masked_fill(beyond, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,7 +64,7 @@ def restrict(logits: torch.Tensor, allowed: tuple[int, int], stop: int | None = 
 def sample_loop(step: Step, prompt: torch.Tensor, max_new: int, *,
                 uncond: tuple[Step, torch.Tensor] | None = None, cfg_scale: float = 1.0,
                 allowed: tuple[int, int] | None = None, stop: int | None = None, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                top_k: int = 0, top_p: float = 1.0, generator: Generators = None) -> torch.Tensor:
     """Up to max_new tokens (B, n) after prompt (B, T0) from `step`. `uncond` is the unconditional
     stream (its step and prompt (B, T1)) for classifier-free guidance, run only when cfg_scale != 1.
     After a row samples `stop` it gets `stop` again; the loop ends once every row has."""
@@ -93,7 +100,7 @@ def decoder_step(model: Decoder, cache: KVCache) -> Step:
 def generate(model: Decoder, prompt: torch.Tensor, max_new: int, *, allowed: tuple[int, int] | None = None,
              stop: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              cfg_scale: float = 1.0, uncond_prompt: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
     """New tokens (B, n <= max_new) continuing prompt (B, T0); the prompts of a batch have one
     length (no padding: left padding would shift every position). `allowed`: the global-id range
     [lo, hi) sampled from (plus `stop`). With uncond_prompt (B, T1) and cfg_scale != 1, logits are

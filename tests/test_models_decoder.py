@@ -586,3 +586,15 @@ def test_muon_trains_the_blocks_matrices_and_its_state_resumes_exactly(vocab):
         [0.02 * lr_scale(5, settings), 1e-3 * lr_scale(5, settings), 1e-3 * lr_scale(5, settings)])
     with pytest.raises(ValueError, match="optimizer muon: Linear has no transformer blocks"):
         new_optimizer(torch.nn.Linear(4, 4), settings)
+
+
+def test_a_decoder_whose_tasks_hold_every_id_is_not_restricted():
+    from pipeline.models import token_model
+
+    images_and_text = vocab_module.build(text_size=50, image_codes=16)
+    speech_too = vocab_module.build(text_size=50, image_codes=16, audio_codebooks=2, audio_codebook_size=8)
+    spec = {"arch": "decoder", "n_layer": 1, "d_model": 32, "n_head": 2}
+    assert token_model.model_config(spec, images_and_text, tasks=("t2i", "i2t")).output_ranges == ()
+    assert token_model.model_config(spec, speech_too, tasks=("t2i", "i2t")).output_ranges == ((0, 86),)
+    assert token_model.model_config(spec, speech_too).output_ranges == ()          # no tasks named: every id
+    assert token_model.build("decoder", token_model.model_config(spec, images_and_text, tasks=("t2i",))).outputs is None

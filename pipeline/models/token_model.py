@@ -82,7 +82,8 @@ def model_config(model: dict, vocab: Vocab, image_code_levels: tuple[int, ...] =
     if model["arch"] == "decoder" and model.get("image_code_digits"):
         sizes.update(image_code_levels=tuple(image_code_levels), image_code_start=vocab.range("image").offset)
     if model["arch"] == "decoder" and tasks:
-        sizes["output_ranges"] = tuple(packing.task_ranges(vocab, tasks))
+        outputs = tuple(packing.task_ranges(vocab, tasks))
+        sizes["output_ranges"] = () if outputs == ((0, vocab.size),) else outputs   # (): every id, nothing to cut
     return cls(**{k: v for k, v in model.items() if k != "arch"}, **sizes)
 
 

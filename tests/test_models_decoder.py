@@ -397,7 +397,7 @@ def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
 
     from pipeline.data import packing
     from pipeline.models.evaluation import _document_losses
-    from pipeline.models.rerank import CAPTION_WEIGHT, target_log_likelihood
+    from pipeline.models.rerank import CAPTION_WEIGHT, target_log_likelihood, target_log_likelihoods
     from pipeline.models.samplers import (SamplingError, SamplingSettings, caption_deviations, image_to_text,
                                           text_to_image)
     from pipeline.models.token_model import TokenModel
@@ -409,6 +409,8 @@ def test_rerank_keeps_the_candidate_the_model_scores_best(vocab):
     with torch.no_grad():
         loss = _document_losses(model, doc)["i2t"]           # mean over the target's ids, as evaluation scores it
     assert target_log_likelihood(model, doc) == pytest.approx(-loss * (len(doc.tokens) - doc.target), rel=1e-4)
+    mixed = [doc, packing.i2t(vocab, "", [5], image), packing.t2i(vocab, "", text, image), packing.i2t(vocab, "", [9], image)]
+    assert target_log_likelihoods(model, mixed) == pytest.approx([target_log_likelihood(model, d) for d in mixed], rel=1e-5)
 
     images = [text_to_image(model, text, 4, s, salt=salt + k * 100_003) for k in range(4)]
     assert len({tuple(x) for x in images}) > 1                                    # the choice is a real one

@@ -23,13 +23,19 @@ CAPTION_WEIGHT = 0.5    # picked on validation captions of the demo: 0 / 0.5 / 1
 @torch.no_grad()
 def target_log_likelihoods(model: TokenModel, docs: list) -> list[float]:
     """log P(each document's target part | the rest before it), summed over its ids, under a decoder
-    (`docs`: packing.Documents or packed_rows.PackedDocuments of one length and target index, run as
-    one batch)."""
-    tokens = torch.from_numpy(np.stack([np.asarray(doc.tokens, np.int64) for doc in docs]))
-    target = docs[0].target
-    logits = model.net(tokens)[:, target - 1:-1].float()                 # (B, L - target, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, target:], reduction="none").sum(dim=1)
-    return (-nll).tolist()
+    (`docs`: packing.Documents or packed_rows.PackedDocuments); documents of one length and target
+    index run as one batch."""
+    scores = [0.0] * len(docs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, doc in enumerate(docs):
+        groups.setdefault((len(doc.tokens), doc.target), []).append(i)
+    for (_, target), members in groups.items():
+        tokens = torch.from_numpy(np.stack([np.asarray(docs[i].tokens, np.int64) for i in members]))
+        logits = model.net(tokens)[:, target - 1:-1].float()             # (B, L - target, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), tokens[:, target:], reduction="none").sum(dim=1)
+        for i, value in zip(members, nll.tolist()):
+            scores[i] = -value
+    return scores
 
 
 def target_log_likelihood(model: TokenModel, doc) -> float:
@@ -38,14 +44,13 @@ def target_log_likelihood(model: TokenModel, doc) -> float:
 
 
 def best_image(model: TokenModel, text: list[int], images: list[np.ndarray]) -> int:
-    """Index of the image (local codes) under which the caption (local text ids) is likeliest (the
-    candidates' documents have one length: scored as one batch)."""
+    """Index of the image (local codes) under which the caption (local text ids) is likeliest."""
     return int(np.argmax(target_log_likelihoods(model, [packing.i2t(model.vocab, "", text, image) for image in images])))
 
 
 def best_caption(model: TokenModel, image: np.ndarray, captions: list[list[int]]) -> int:
     """Index of the caption (local text ids) best by log P(image | caption) + CAPTION_WEIGHT x log P(caption | image)."""
     vocab = model.vocab
-    scores = [target_log_likelihood(model, packing.t2i(vocab, "", text, image))
-              + CAPTION_WEIGHT * target_log_likelihood(model, packing.i2t(vocab, "", text, image)) for text in captions]
-    return int(np.argmax(scores))
+    drawn = target_log_likelihoods(model, [packing.t2i(vocab, "", text, image) for text in captions])
+    written = target_log_likelihoods(model, [packing.i2t(vocab, "", text, image) for text in captions])
+    return int(np.argmax([d + CAPTION_WEIGHT * w for d, w in zip(drawn, written)]))

@@ -127,11 +127,16 @@ def caption_deviations(model: TokenModel, image: np.ndarray, caption: list[int],
     cost = (log_probs - log_probs.gather(1, chosen)).scatter(1, chosen, float("-inf")).flatten()
     best = cost.topk(min(n, int(cost.isfinite().sum()))).indices.tolist()
     greedy = replace(s, temperature=0.0)
-    out = []
-    for position, token in (divmod(i, logits.shape[-1]) for i in best):
-        prefix = caption[:position]
-        out.append(prefix if token == eos else
-                   _caption_for(model, image, max_tokens, greedy, prefix=prefix + [token - text.offset]))
+    departures = [divmod(i, logits.shape[-1]) for i in best]            # (position, id there)
+    out = [caption[:position] for position, _ in departures]             # one that writes <eos> ends there
+    by_length: dict[int, list[int]] = {}
+    for i, (position, token) in enumerate(departures):
+        if token != eos:
+            out[i] = out[i] + [token - text.offset]
+            by_length.setdefault(position + 1, []).append(i)
+    for members in by_length.values():                                  # completed greedily, a batch a length
+        for i, completed in zip(members, _captions_for(model, image, max_tokens, greedy, [out[i] for i in members])):
+            out[i] = completed
     return out
 
 
@@ -142,17 +147,25 @@ def _i2t_prompts(vocab, image: np.ndarray, s: SamplingSettings) -> tuple[torch.T
     return prompt, _ids([vocab.special("<bos>"), vocab.special("<t2i>")]) if s.i2t_cfg_scale != 1 else None
 
 
-def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0,
-                 prefix: Sequence[int] = ()) -> list[int]:
-    """A caption for the image that starts with the local text ids `prefix`."""
+def _caption_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings, salt: int = 0) -> list[int]:
+    """A caption for the image."""
+    return _captions_for(model, image, max_tokens, s, [[]], salt)[0]
+
+
+def _captions_for(model: TokenModel, image: np.ndarray, max_tokens: int, s: SamplingSettings,
+                  prefixes: list[Sequence[int]], salt: int = 0) -> list[list[int]]:
+    """A caption for the image starting with each of `prefixes` (local text ids, all of one length),
+    written as one batch."""
     vocab, text, eos = model.vocab, model.vocab.range("text"), model.vocab.special("<eos>")
     prompt, prior = _i2t_prompts(vocab, image, s)
-    given = vocab.to_global("text", list(prefix))
-    new = generate(model.net, _ids(prompt, given), max_tokens - len(prefix),
+    given = torch.from_numpy(np.stack([vocab.to_global("text", list(p)) for p in prefixes]).astype(np.int64))
+    batch = lambda head: torch.cat([head.expand(len(prefixes), -1), given], dim=1)
+    new = generate(model.net, batch(prompt), max_tokens - given.shape[1],
                    allowed=(text.offset, text.offset + text.size), stop=eos, temperature=s.temperature,
                    top_k=s.top_k, top_p=s.top_p, cfg_scale=s.i2t_cfg_scale,
-                   uncond_prompt=None if prior is None else _ids(prior, given), generator=s.generator(salt))[0].numpy()
-    return list(prefix) + [int(token - text.offset) for token in itertools.takewhile(lambda t: t != eos, new)]
+                   uncond_prompt=None if prior is None else batch(prior), generator=s.generator(salt)).numpy()
+    return [list(p) + [int(t - text.offset) for t in itertools.takewhile(lambda t: t != eos, row)]
+            for p, row in zip(prefixes, new)]
 
 
 def text_to_speech(model: TokenModel, phonemes: list[int], prompt: np.ndarray, max_frames: int,

@@ -94,6 +94,17 @@ def ranges_ok(ranges, vocab_size: int) -> bool:
         (not ranges or ends[-1] <= vocab_size)
 
 
+def column_index(columns: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each id's index in the ascending ids `columns` (forward's `columns`: where its logit is);
+    ValueError naming an id outside them."""
+    index = torch.searchsorted(columns, ids).clamp(max=len(columns) - 1)
+    outside = columns[index] != ids
+    if outside.any():
+        raise ValueError(f"target id {int(ids[outside][0])} is outside the ids the model predicts "
+                         f"(its output_ranges); {int(outside.sum())} such targets in this batch")
+    return index
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) index of each position within its document (a run of equal ids in doc_ids (B, T))."""
     index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pipeline.data import packed_rows, packing
 from pipeline.models import token_model
+from pipeline.models.decoder import column_index
 from pipeline.models.holdout import HoldOut
 from pipeline.tokenizers.text_tokenizer import TextTokenizer, load_text_tokenizer
 from pipeline.tokenizers.vocab import Vocab
@@ -186,16 +187,6 @@ def windows(row: dict, kept: list[bool], context: int | None) -> Iterator[tuple[
         yield window, [True] * len(take)
 
 
-def output_columns(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each target id's index in the ascending ids `outputs`; ValueError naming an id outside them."""
-    columns = torch.searchsorted(outputs, targets).clamp(max=len(outputs) - 1)
-    outside = outputs[columns] != targets
-    if outside.any():
-        raise ValueError(f"target id {int(targets[outside][0])} is outside the ids the model predicts "
-                         f"(its output_ranges); {int(outside.sum())} such targets in this batch")
-    return columns
-
-
 TASK_NAMES = ("t2i", "i2t", "tts", "asr", "cm3:t2i", "cm3:i2t", "cm3:tts", "cm3:asr")
 
 
@@ -235,7 +226,7 @@ def decoder_loss(net, batch: dict, target_weights: torch.Tensor | None = None,
     targets = batch["targets"][counted]
     logits = net(batch["tokens"], batch["doc_ids"], only=counted, columns=outputs)   # (N, V|K): target positions only
     if outputs is not None:
-        targets = output_columns(outputs, targets)
+        targets = column_index(outputs, targets)
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     task_ids = batch["task_ids"][counted]
     if target_weights is None:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.decoder import (Decoder, DecoderConfig, init_residual_projections, require_vocab_size,
-                                     transformer_checks)
+from pipeline.models.decoder import (Decoder, DecoderConfig, column_index, init_residual_projections,
+                                     require_vocab_size, transformer_checks)
 from pipeline.models.layers import Block, RMSNorm, TransformerConfig, document_mask, init_weights, rotary
 from pipeline.models.sampling import generate
 from pipeline.tokenizers.config_checks import require
@@ -113,7 +113,7 @@ class Valle(nn.Module):
         targets, columns = batch["ar_targets"], batch["ar_columns"]                                # (B, L), (K,)
         scored = targets != IGNORE
         logits = self.ar(batch["ar_tokens"], only=scored, columns=columns)                         # (N, K)
-        choice = torch.searchsorted(columns, targets[scored])                                      # (N,) in 0..K-1
+        choice = column_index(columns, targets[scored])                                            # (N,) in 0..K-1
         loss_ar = F.cross_entropy(logits.float(), choice)
         nar_logits = self.nar(*(batch[f"nar_{k}"] for k in NAR_INPUTS))                            # (B, T, K)
         nar_targets = batch["nar_targets"]                                                          # (B, T)

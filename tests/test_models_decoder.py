@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import layers
 from pipeline.models import parti as parti_module
 from pipeline.models.decoder import Decoder, DecoderConfig, document_positions
 from pipeline.models.parti import Parti, PartiConfig, collate, generate_image, training_loss
@@ -164,6 +165,37 @@ def test_packed_documents_do_not_see_each_other(vocab):
     torch.testing.assert_close(packed[:, 5:12], alone, atol=1e-5, rtol=0)
     padding = model(row, torch.full_like(doc_ids, -1))
     assert torch.isfinite(padding).all() and torch.isfinite(packed).all()
+
+
+@pytest.mark.parametrize("keys", [12, layers.CPU_EXPLICIT_KEYS + 8])   # explicit matmuls, then the fused kernel
+def test_bf16_attention_on_cpu_equals_the_fused_kernel_in_fp32(keys):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, keys, 16, generator=generator) for _ in range(3))
+    doc_ids = torch.tensor([[0] * (keys // 3) + [1] * (keys - keys // 3 - 2) + [-1] * 2, [5] * keys])
+    mask = layers.document_mask(doc_ids)
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, reference = layers.attention(*low, mask), F.scaled_dot_product_attention(*full, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=0.03, rtol=0.03)
+    out.float().square().sum().backward()
+    reference.square().sum().backward()
+    for ours, theirs in zip(low, full):
+        torch.testing.assert_close(ours.grad.float(), theirs.grad, atol=0.1, rtol=0.05)
+    assert torch.equal(layers.attention(*full, mask), reference)                # fp32: the fused kernel itself
+
+
+def test_packed_documents_do_not_see_each_other_under_bf16_autocast(vocab):
+    model = tiny_decoder(vocab)
+    row = tokens(vocab, 1, 15)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3])
+    other = row.clone()
+    other[0, :5] = tokens(vocab, 5, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, changed = model(row, doc_ids), model(other, doc_ids)
+    assert not torch.equal(changed[:, :5], packed[:, :5])
+    assert torch.equal(changed[:, 5:12], packed[:, 5:12])                      # weight 0, exactly, across documents
+    assert torch.isfinite(packed).all()
 
 
 def test_doc_ids_with_a_cache_is_refused(vocab):

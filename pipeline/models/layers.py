@@ -80,6 +80,24 @@ class KVCache:
             self.image_start = self.image_start[index]
 
 
+# Keys up to which reduced-precision attention on CPU runs as explicit matmuls: there PyTorch's fused
+# CPU kernel is slower in bf16, mostly in its backward (benchmarks/attention.py: 3.3x at 96 keys, 1.4x
+# at 256-320, 0.85x from 384); in fp32 the fused kernel is always the faster.
+CPU_EXPLICIT_KEYS = 320
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nh, S, hs) with a boolean mask:
+    PyTorch's fused kernel, or in bf16/fp16 on CPU with few keys the same sums as explicit matmuls."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > CPU_EXPLICIT_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return F.dropout(scores.softmax(dim=-1), dropout_p) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention with rotary positions, or cross-attention (`memory`)."""
 
@@ -102,8 +120,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.c.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, self.c.dropout if self.training else 0.0)
         B, _, T, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, self.c.d_model))
 

@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_speech.py
 	$(BIN)/python benchmarks/codec.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/attention.py
 
 clean:
 	rm -rf runs .pytest_cache

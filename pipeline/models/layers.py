@@ -81,8 +81,8 @@ class KVCache:
 
 
 # Keys up to which reduced-precision attention on CPU runs as explicit matmuls: there PyTorch's fused
-# CPU kernel is slower in bf16, mostly in its backward (benchmarks/attention.py: 3.3x at 96 keys, 1.4x
-# at 256-320, 0.85x from 384); in fp32 the fused kernel is always the faster.
+# CPU kernel is slower in bf16, mostly in its backward (benchmarks/attention.py: 3.2-3.6x at 96 keys,
+# 1.15-1.4x at 192-320, 0.85x at 384-512); in fp32 the fused kernel is always the faster.
 CPU_EXPLICIT_KEYS = 320
 
 

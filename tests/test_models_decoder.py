@@ -151,14 +151,20 @@ def test_document_positions_restart_at_each_document():
     assert document_positions(doc_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
 
 
-def test_packed_documents_do_not_see_each_other(vocab):
-    model = tiny_decoder(vocab)
+def two_documents(vocab):
+    """A row of two documents and padding, its doc_ids, and the row with document 0 changed."""
     row = tokens(vocab, 1, 15)
     doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3])
-    packed = model(row, doc_ids)
     other = row.clone()
-    other[0, :5] = tokens(vocab, 5, seed=2)                                    # document 0 changes...
-    changed = model(other, doc_ids)
+    other[0, :5] = tokens(vocab, 5, seed=2)
+    return row, doc_ids, other
+
+
+def test_packed_documents_do_not_see_each_other(vocab):
+    model = tiny_decoder(vocab)
+    row, doc_ids, other = two_documents(vocab)
+    packed = model(row, doc_ids)
+    changed = model(other, doc_ids)                                           # document 0 changes...
     assert not torch.allclose(changed[:, :5], packed[:, :5])
     torch.testing.assert_close(changed[:, 5:12], packed[:, 5:12], atol=1e-6, rtol=0)   # ...document 1 does not
     alone = model(row[:, 5:12])                                                # document 1 in a row of its own
@@ -187,10 +193,7 @@ def test_bf16_attention_on_cpu_equals_the_fused_kernel_in_fp32(keys):
 
 def test_packed_documents_do_not_see_each_other_under_bf16_autocast(vocab):
     model = tiny_decoder(vocab)
-    row = tokens(vocab, 1, 15)
-    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3])
-    other = row.clone()
-    other[0, :5] = tokens(vocab, 5, seed=2)
+    row, doc_ids, other = two_documents(vocab)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed, changed = model(row, doc_ids), model(other, doc_ids)
     assert not torch.equal(changed[:, :5], packed[:, :5])

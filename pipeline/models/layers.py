@@ -90,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nh, S, hs) with a boolean mask:
     PyTorch's fused kernel, or in bf16/fp16 on CPU with few keys the same sums as explicit matmuls."""
-    if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > CPU_EXPLICIT_KEYS:
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or k.shape[-2] > CPU_EXPLICIT_KEYS:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:

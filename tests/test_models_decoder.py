@@ -191,6 +191,19 @@ def test_bf16_attention_on_cpu_equals_the_fused_kernel_in_fp32(keys):
     assert torch.equal(layers.attention(*full, mask), reference)                # fp32: the fused kernel itself
 
 
+def test_dropout_drops_residual_branches_in_training_only(vocab):
+    x = tokens(vocab, 2, 10)
+    plain, dropped = tiny_decoder(vocab), tiny_decoder(vocab, dropout=0.5)
+    with torch.no_grad():
+        assert torch.equal(dropped(x), plain(x))                       # eval: the same weights, the same logits
+        dropped.train()
+        first, second = dropped(x), dropped(x)
+    assert not torch.equal(first, second) and not torch.equal(first, plain(x))
+    attention = layers.Attention(layers.TransformerConfig(d_model=32, n_head=2, dropout=0.5)).train()
+    out = attention(torch.randn(1, 6, 32), None)
+    assert (out == 0).float().mean() > 0.3                             # its output's elements, not its weights
+
+
 def test_packed_documents_do_not_see_each_other_under_bf16_autocast(vocab):
     model = tiny_decoder(vocab)
     row, doc_ids, other = two_documents(vocab)

@@ -18,7 +18,8 @@ class TransformerConfig:
     d_model: int = 256
     n_head: int = 4
     mlp_ratio: float = 8 / 3            # SwiGLU hidden = ratio * d_model (rounded to 64), ~ the 4x MLP's size
-    dropout: float = 0.0
+    dropout: float = 0.0                # on each residual branch's output (attention weights are not dropped:
+                                        # PyTorch's CPU kernel has no fused path for dropout with a mask)
     rope_base: float = 10000.0
 
     @property
@@ -86,16 +87,15 @@ class KVCache:
 CPU_EXPLICIT_KEYS = 320
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float = 0.0) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nh, S, hs) with a boolean mask:
     PyTorch's fused kernel, or in bf16/fp16 on CPU with few keys the same sums as explicit matmuls."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or k.shape[-2] > CPU_EXPLICIT_KEYS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return F.dropout(scores.softmax(dim=-1), dropout_p) @ v
+    return scores.softmax(dim=-1) @ v
 
 
 class Attention(nn.Module):
@@ -107,6 +107,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(c.d_model, c.d_model, bias=False)
         self.kv = nn.Linear(c.d_model, 2 * c.d_model, bias=False)
         self.proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.dropout = nn.Dropout(c.dropout)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:   # (B, T, C) -> (B, nh, T, hs)
         B, T, _ = x.shape
@@ -120,9 +121,9 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        y = attention(q, k, v, mask, self.c.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask)
         B, _, T, _ = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.c.d_model))
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.c.d_model)))
 
 
 class SwiGLU(nn.Module):
